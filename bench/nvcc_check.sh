@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Compile-check every torch-free CUDA source for sm_80 and sm_90a (no CUDA torch needed).
+# Prints the ptxas register/spill report. Skips with a message when nvcc is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-nvcc}
+if ! command -v "$NVCC" >/dev/null 2>&1; then
+  echo "nvcc not found: skipping the CUDA compile-check"
+  exit 0
+fi
+files=$(find csrc -name "*.cu" | sort)
+[ -n "$files" ] || { echo "no .cu files"; exit 0; }
+for f in $files; do
+  if grep -qE "#include <(torch|ATen|c10)" "$f"; then
+    echo "error: $f includes torch headers; device code must be torch-free" >&2
+    exit 1
+  fi
+  echo "-- $f"
+  if ! out=$("$NVCC" -std=c++17 -O3 -c -Icsrc -gencode=arch=compute_80,code=sm_80 \
+      -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o /dev/null "$f" 2>&1); then
+    echo "$out" >&2
+    exit 1
+  fi
+  echo "$out" | grep -E "warning|Compiling entry|Used|spill" | grep -vE "0 bytes spill stores, 0 bytes spill loads" || true
+done
+echo "nvcc compile-check: $(echo "$files" | wc -l) file(s) OK"

@@ -1,0 +1,114 @@
+// CherryQ matmul on the CPU: argument checks, x in fp32, and the split over threads.
+//   M <= kGemvMaxRows: GEMV, threads split the output rows; each weight is decoded once per
+//                      block of 4 x rows and FMA'd against x straight from L1.
+//   M >  kGemvMaxRows: GEMM, threads split the output rows into panels of kPanelRows; each
+//                      panel is dequantized to fp32 once (L2-sized) and multiplied by all of x
+//                      in 4x4 register tiles.
+// The per-ISA inner loops live in cherryq_cpu_{avx512,scalar}.cpp (torch-free).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cherryq/cherryq_checks.h"
+#include "common/alloc.h"
+#include "cherryq/cherryq_cpu.h"
+
+namespace pyfast {
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+namespace cherryq {
+namespace {
+
+constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kPanelRows = 64;  // 64 rows x K=4096 fp32 = 1 MiB: stays in a 2 MiB L2
+
+using RowsFn = void (*)(const CpuMatmulArgs&, int64_t, int64_t);
+using PanelFn = void (*)(const CpuMatmulArgs&, int64_t, int64_t, float*);
+
+// Sum of x over each quantization group: xsum [M, G].
+std::vector<float> group_sums(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  std::vector<float> out(M * G);
+  at::parallel_for(0, M * G, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* p = x + (i / G) * ldx + (i % G) * gs;
+      float s = 0.f;
+      for (int64_t k = 0; k < gs; ++k) s += p[k];
+      out[i] = s;
+    }
+  });
+  return out;
+}
+
+at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& zeros, const at::Tensor& cherry_idx, const at::Tensor& cherry_val,
+                              const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size) {
+  const auto shp = check_matmul_args(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size);
+  TORCH_CHECK(x.device().is_cpu(), "pyfast.cherryq_matmul: expected x on the CPU, got ", x.device());
+  const int64_t M = shp.M, N = shp.N, K = shp.K;
+
+  // x as fp32 rows with unit stride in the last dim (one conversion, outside the hot loop).
+  const at::Tensor xc = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = empty_output({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return y.to(x.scalar_type()).reshape(out_sizes(x, N));
+
+  const std::vector<float> xsum = group_sums(xc.data_ptr<float>(), K, M, K, group_size);
+  CpuMatmulArgs a{};
+  a.x = xc.data_ptr<float>();
+  a.ldx = K;
+  a.xsum = xsum.data();
+  a.qweight = qweight.data_ptr<int32_t>();
+  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  a.zeros = reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::Half>());
+  a.cherry_idx = cherry_idx.data_ptr<int32_t>();
+  a.cherry_val = reinterpret_cast<const uint16_t*>(cherry_val.data_ptr<at::Half>());
+  a.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  a.y = y.data_ptr<float>();
+  a.ldy = N;
+  a.M = M, a.N = N, a.K = K, a.C = shp.C;
+  a.bits = static_cast<int>(bits), a.group_size = static_cast<int>(group_size);
+
+  const bool avx512 = cpu_has_avx512();
+  if (M <= kGemvMaxRows) {
+    const RowsFn rows = avx512 ? gemv_rows_avx512 : gemv_rows_scalar;
+    // Grain: enough rows that each task streams >= ~64 KiB of packed weights.
+    const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K / 32 * bits * 4));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
+  } else {
+    const PanelFn panel = avx512 ? gemm_rows_avx512 : gemm_rows_scalar;
+    const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> w(kPanelRows * K);
+      for (int64_t p = p0; p < p1; ++p) panel(a, p * kPanelRows, std::min(kPanelRows, N - p * kPanelRows), w.data());
+    });
+  }
+  return y.to(x.scalar_type()).reshape(out_sizes(x, N));
+}
+
+}  // namespace
+}  // namespace cherryq
+
+TORCH_LIBRARY_IMPL(pyfast, CPU, m) { m.impl("cherryq_matmul", &cherryq::cherryq_matmul_cpu); }
+
+}  // namespace pyfast

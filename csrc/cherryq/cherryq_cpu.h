@@ -1,0 +1,31 @@
+// Torch-free interface between the CherryQ CPU host code and its per-ISA kernels.
+#pragma once
+#include <cstdint>
+
+namespace pyfast::cherryq {
+
+// All pointers are raw; fp16 tensors are passed as their uint16 bit patterns.
+struct CpuMatmulArgs {
+  const float* x;  // [M, K] fp32, row stride ldx
+  int64_t ldx;
+  const float* xsum;  // [M, K / group_size]: sum of x over each group
+  const int32_t* qweight;  // [N, K/32*bits]
+  const uint16_t* scales;  // [N, G] fp16
+  const uint16_t* zeros;   // [N, G] fp16
+  const int32_t* cherry_idx;  // [N, C]
+  const uint16_t* cherry_val;  // [N, C] fp16
+  const float* bias;  // [N] fp32 or nullptr
+  float* y;  // [M, N] fp32, row stride ldy
+  int64_t ldy;
+  int64_t M, N, K, C;
+  int bits, group_size;
+};
+
+// Rows [n0, n1) of the output for every x row (GEMV path).
+void gemv_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t n1);
+void gemv_rows_scalar(const CpuMatmulArgs& a, int64_t n0, int64_t n1);
+// Output columns [n0, n0+rows) for every x row via a dequantized fp32 panel [rows, K] (GEMM path).
+void gemm_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel);
+void gemm_rows_scalar(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel);
+
+}  // namespace pyfast::cherryq

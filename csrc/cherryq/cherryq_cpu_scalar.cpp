@@ -1,0 +1,67 @@
+// CherryQ CPU kernels for any x86/ARM CPU: plain C++ over 16-float "vectors" that the
+// compiler vectorizes for the baseline ISA. Used when AVX-512 is not available.
+#include <cstdint>
+#include <cstring>
+
+#include "cherryq/cherryq_cpu.h"
+
+namespace pyfast::cherryq {
+namespace {
+
+struct Isa {
+  struct V {
+    float v[16];
+  };
+  static inline V zero() { V r; for (int i = 0; i < 16; ++i) r.v[i] = 0.f; return r; }
+  static inline V load(const float* p) { V r; for (int i = 0; i < 16; ++i) r.v[i] = p[i]; return r; }
+  static inline void store(float* p, const V& a) { for (int i = 0; i < 16; ++i) p[i] = a.v[i]; }
+  static inline V set1(float f) { V r; for (int i = 0; i < 16; ++i) r.v[i] = f; return r; }
+  static inline V add(const V& a, const V& b) { V r; for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
+  static inline V fma(const V& a, const V& b, const V& c) {
+    V r;
+    for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return r;
+  }
+  static inline float reduce(const V& a) { float s = 0.f; for (int i = 0; i < 16; ++i) s += a.v[i]; return s; }
+
+  // IEEE binary16 bits -> float (normals, subnormals, inf, NaN).
+  static inline float half(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    if (exp == 0x1F) {
+      bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+      bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      exp = 113;
+      while (!(man & 0x400u)) { man <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+
+  template <int BITS>
+  static inline void decode(const int32_t* w, V& c0, V& c1) {
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(w);
+    for (int i = 0; i < 32; ++i) {
+      uint32_t code;
+      if (BITS == 4) code = (u[i >> 3] >> (4 * (i & 7))) & 15u;
+      else if (BITS == 2) code = (u[i >> 4] >> (2 * (i & 15))) & 3u;
+      else code = ((u[i >> 4] >> (2 * (i & 15))) & 3u) | (((u[2] >> i) & 1u) << 2);
+      (i < 16 ? c0.v[i] : c1.v[i - 16]) = 1.f + static_cast<float>(code) * (1.f / (1 << BITS));
+    }
+  }
+};
+
+#include "cherryq/cherryq_cpu_kernel.h"
+
+}  // namespace
+
+void gemv_rows_scalar(const CpuMatmulArgs& a, int64_t n0, int64_t n1) { gemv_rows(a, n0, n1); }
+void gemm_rows_scalar(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel) { gemm_rows(a, n0, rows, panel); }
+
+}  // namespace pyfast::cherryq

@@ -1,0 +1,1 @@
+"""Triton kernels of pyfast, one module per family (installed as pyfast.kernels)."""

@@ -1,0 +1,27 @@
+"""Loads the compiled extension (which registers every torch.ops.pyfast.* op) and reports build info."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+try:
+    from pyfast import _C  # noqa: F401  (import registers the ops)
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "pyfast: the compiled extension pyfast._C is missing or does not match the installed torch "
+        f"({torch.__version__}); rebuild with `pip install --no-build-isolation -e .` ({e})"
+    ) from e
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def build_info() -> dict:
+    """How pyfast was built and what this process can run: version, torch version, CUDA, arch list, CPU ISA."""
+    info = dict(_C.build_info())
+    info["triton"] = has_triton()
+    info["cuda_available"] = torch.cuda.is_available()
+    return info

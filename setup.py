@@ -1,0 +1,63 @@
+"""Build pyfast._C: a CUDAExtension when torch has CUDA and nvcc is found, else a CppExtension.
+
+Environment: MAX_JOBS (parallel compile jobs), TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"),
+PYFAST_FORCE_CPU=1 (build the CPU kernels only even where CUDA is available).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version() -> str:
+    ns = {}
+    with open(os.path.join(ROOT, "pyfast", "_version.py")) as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
+
+
+VERSION = read_version()
+WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("PYFAST_FORCE_CPU") != "1"
+ARCH_LIST = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a") if WITH_CUDA else ""
+
+# Host sources: the schema, the pybind module and every CPU kernel. The *_cuda_host.cpp files
+# hold ATen host code for CUDA kernels and are compiled only in a CUDA build.
+cpp_sources = [s for s in sources("**/*.cpp") if not s.endswith("_cuda_host.cpp")]
+defines = [f'-DPYFAST_VERSION="{VERSION}"', f'-DPYFAST_CUDA_ARCH_LIST="{ARCH_LIST}"']
+cxx_flags = ["-O3", "-fopenmp", *defines]  # the C++ standard is the one torch asks for
+if WITH_CUDA:
+    ext = CUDAExtension(
+        "pyfast._C",
+        cpp_sources + sources("**/*_cuda_host.cpp") + sources("**/*.cu"),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[("PYFAST_WITH_CUDA", None)],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-lineinfo", *defines],
+        },
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    ext = CppExtension(
+        "pyfast._C",
+        cpp_sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+setup(
+    version=VERSION,
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,146 @@
+"""cherryq_matmul on the CPU kernel (and the reference itself): values, shapes, dtypes, strides,
+NaN, autograd, opcheck, torch.compile and bad input. Triton and CUDA have their own files."""
+
+import pytest
+import torch
+
+import pyfast
+from pyfast.reference.cherryq import matmul as ref_matmul
+from pyfast.testing import assert_close, rel_tol
+
+
+def make(n, k, bits, group_size, cherries=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * (1 + torch.rand(n, 1, generator=g))
+    return pyfast.cherryq_quantize(w, bits=bits, group_size=group_size, cherries_per_row=cherries)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_matches_reference(bits, group_size, m, dtype):
+    n, k = 67, 3 * group_size
+    qw = make(n, k, bits, group_size, seed=m)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    out = pyfast.cherryq_matmul(x, qw, bias, backend="cpu")
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert_close(out, ref_matmul(x, qw, bias), rel_tol(dtype))
+
+
+@pytest.mark.parametrize("cherries", [0, 1, 5])
+@pytest.mark.parametrize("m", [2, 12])
+def test_cherries_counted_once(cherries, m):
+    qw = make(16, 256, 3, 128, cherries=cherries)
+    x = torch.randn(m, 256)
+    w = pyfast.cherryq_dequantize(qw).double()
+    assert_close(pyfast.cherryq_matmul(x, qw), (x.double() @ w.T).float(), 1e-5)
+
+
+def test_batched_and_strided_input():
+    qw = make(40, 256, 4, 64)
+    x = torch.randn(2, 3, 512)[..., ::2]  # non-unit stride in the last dim
+    assert not x.is_contiguous()
+    out = pyfast.cherryq_matmul(x, qw)
+    assert out.shape == (2, 3, 40)
+    assert_close(out, ref_matmul(x, qw), 1e-5)
+    xt = torch.randn(256, 5).t()  # transposed view
+    assert_close(pyfast.cherryq_matmul(xt, qw), ref_matmul(xt, qw), 1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 4, 12])
+def test_nan_row_stays_in_its_row(m):
+    qw = make(24, 128, 3, 64)
+    x = torch.randn(m, 128)
+    x[m // 2, 17] = float("nan")
+    out = pyfast.cherryq_matmul(x, qw)
+    assert torch.isnan(out[m // 2]).all()
+    rows = [i for i in range(m) if i != m // 2]
+    assert torch.isfinite(out[rows]).all()
+
+
+def test_reference_backend_and_default_dispatch():
+    qw = make(24, 128, 2, 64)
+    x = torch.randn(3, 128)
+    r = pyfast.cherryq_matmul(x, qw, backend="reference")
+    assert_close(pyfast.cherryq_matmul(x, qw), r, 1e-5)
+    assert_close(torch.ops.pyfast.cherryq_matmul(x, *qw.tensors(), None, qw.bits, qw.group_size), r, 1e-5)
+
+
+def test_grad_wrt_x():
+    qw = make(24, 128, 3, 64)
+    x = torch.randn(5, 128, requires_grad=True)
+    g = torch.randn(5, 24)
+    (pyfast.cherryq_matmul(x, qw) * g).sum().backward()
+    w = pyfast.cherryq_dequantize(qw)
+    assert_close(x.grad, g @ w, 1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 12])
+def test_opcheck(m):
+    qw = make(24, 128, 3, 64)
+    x = torch.randn(m, 128, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyfast.cherryq_matmul.default, (x, *qw.tensors(), torch.randn(24), 3, 64))
+
+
+def test_torch_compile_fullgraph():
+    qw = make(24, 128, 4, 128)
+    lin = pyfast.CherryQLinear.from_linear(torch.nn.Linear(128, 24), bits=4)
+    x = torch.randn(3, 128)
+    compiled = torch.compile(lin, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), lin(x), 1e-6)
+    del qw
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda x, qw, b: (x[:, :100], qw, b), r"x.shape\[-1\]"),
+        (lambda x, qw, b: (x.int(), qw, b), "x"),
+        (lambda x, qw, b: (x.double(), qw, b), "x"),
+        (lambda x, qw, b: (x, qw, b[:5]), "bias"),
+        (lambda x, qw, b: (x, qw, b.int()), "bias"),
+        (lambda x, qw, b: (x, qw.qweight, b), "CherryQWeight"),
+        (lambda x, qw, b: (x, _replace(qw, qweight=qw.qweight[:, :-1]), b), "qw.qweight"),
+        (lambda x, qw, b: (x, _replace(qw, scales=qw.scales.float()), b), "qw.scales"),
+        (lambda x, qw, b: (x, _replace(qw, zeros=qw.zeros[:-1]), b), "qw.zeros"),
+        (lambda x, qw, b: (x, _replace(qw, cherry_idx=qw.cherry_idx.long()), b), "qw.cherry_idx"),
+        (lambda x, qw, b: (x, _replace(qw, cherry_val=qw.cherry_val[:, :0]), b), "qw.cherry_val"),
+        (lambda x, qw, b: (x, _replace(qw, bits=5), b), "bits"),
+        (lambda x, qw, b: (x, _replace(qw, group_size=48), b), "group_size"),
+    ],
+)
+def test_bad_input_python(mutate, match):
+    qw = make(24, 128, 3, 64)
+    x, bias = torch.randn(2, 128), torch.randn(24)
+    with pytest.raises(ValueError, match=match):
+        pyfast.cherryq_matmul(*mutate(x, qw, bias))
+
+
+def test_bad_input_op_level():
+    """torch.ops.pyfast.cherryq_matmul checks its own arguments (no Python layer in between)."""
+    qw = make(24, 128, 3, 64)
+    x = torch.randn(2, 128)
+    t = qw.tensors()
+    with pytest.raises(RuntimeError, match="x.shape"):
+        torch.ops.pyfast.cherryq_matmul(x[:, :64], *t, None, 3, 64)
+    with pytest.raises(RuntimeError, match="bits"):
+        torch.ops.pyfast.cherryq_matmul(x, *t, None, 7, 64)
+    with pytest.raises(RuntimeError, match="qweight"):
+        torch.ops.pyfast.cherryq_matmul(x, t[0][:, 1:].contiguous(), *t[1:], None, 3, 64)
+    with pytest.raises(RuntimeError, match="cherry_val"):
+        torch.ops.pyfast.cherryq_matmul(x, *t[:4], t[4].float(), None, 3, 64)
+
+
+def test_out_of_range_cherry_index_is_ignored_not_read():
+    qw = make(8, 128, 3, 64, cherries=2)
+    bad = _replace(qw, cherry_idx=torch.full_like(qw.cherry_idx, 10**6))
+    out = torch.ops.pyfast.cherryq_matmul(torch.randn(3, 128), *bad.tensors(), None, 3, 64)
+    assert torch.isfinite(out).all()
+
+
+def _replace(qw, **kw):
+    import dataclasses
+
+    return dataclasses.replace(qw, **kw)
