@@ -21,6 +21,10 @@ for f in $files; do
     echo "$out" >&2
     exit 1
   fi
-  echo "$out" | grep -E "warning|Compiling entry|Used|spill" | grep -vE "0 bytes spill stores, 0 bytes spill loads" || true
+  echo "$out" | grep -E "warning|[1-9][0-9]* bytes spill" || true  # any spill or warning, in full
+  kernels=$(echo "$out" | grep -c "Compiling entry" || true)
+  maxreg=$(echo "$out" | grep -oE "Used [0-9]+ registers" | grep -oE "[0-9]+" | sort -n | tail -1)
+  echo "   $kernels kernel variants, at most ${maxreg:-?} registers (set NVCC_VERBOSE=1 for the full ptxas report)"
+  [ -z "${NVCC_VERBOSE:-}" ] || echo "$out"
 done
 echo "nvcc compile-check: $(echo "$files" | wc -l) file(s) OK"

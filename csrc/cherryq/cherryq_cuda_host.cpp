@@ -1,0 +1,70 @@
+// CUDA implementation of torch.ops.pyfast.cherryq_matmul: argument checks, dtype mapping and
+// the launch. The device code (cherryq_gemv.cuh) and its launcher (cherryq_cuda.cu) are
+// torch-free; this file is the only one that sees ATen.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cherryq/cherryq_checks.h"
+#include "cherryq/cherryq_cuda.h"
+#include "common/alloc.h"
+
+namespace pyfast {
+namespace cherryq {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "pyfast.cherryq_matmul: expected float32, float16 or bfloat16, got ", t);
+  }
+}
+
+// y[..., N] = x[..., K] @ dequantize(W).T + bias (fp32 accumulation, y in x's dtype).
+// Batched GEMV: rows of x are processed 8 at a time, each pass streaming the weights once.
+at::Tensor cherryq_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const at::Tensor& zeros, const at::Tensor& cherry_idx, const at::Tensor& cherry_val,
+                               const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size) {
+  const MatmulShape s = check_matmul_args(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size);
+  TORCH_CHECK(x.is_cuda(), "pyfast.cherryq_matmul: expected x on a CUDA device, got ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+
+  // [..., K] -> [M, K]; a view whenever the leading dims allow it, rows may be strided.
+  const at::Tensor x2 = last_dim_contiguous(x.reshape({s.M, s.K}));
+  at::Tensor y = empty_output({s.M, s.N}, x.options());  // at::empty (NaN-poisoned under tests)
+  if (s.M == 0 || s.N == 0) return y.view(out_sizes(x, s.N));
+  at::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+
+  GemvParams p{};
+  p.x = x2.data_ptr();
+  p.x_row_stride = x2.stride(0);
+  p.x_dtype = to_dtype(x2.scalar_type());
+  p.qweight = qweight.data_ptr<int32_t>();
+  p.scales = scales.data_ptr();
+  p.zeros = zeros.data_ptr();
+  p.cherry_idx = cherry_idx.data_ptr<int32_t>();
+  p.cherry_val = cherry_val.data_ptr();
+  p.bias = b.defined() ? b.data_ptr() : nullptr;
+  p.bias_dtype = b.defined() ? to_dtype(b.scalar_type()) : DType::kFloat32;
+  p.y = y.data_ptr();
+  p.M = s.M;
+  p.N = s.N;
+  p.K = s.K;
+  p.C = s.C;
+  p.bits = static_cast<int32_t>(bits);
+  p.group_size = static_cast<int32_t>(group_size);
+
+  const cudaError_t err = launch_gemv(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "pyfast.cherryq_matmul: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return y.view(out_sizes(x, s.N));
+}
+
+}  // namespace
+}  // namespace cherryq
+}  // namespace pyfast
+
+TORCH_LIBRARY_IMPL(pyfast, CUDA, m) { m.impl("cherryq_matmul", &pyfast::cherryq::cherryq_matmul_cuda); }
