@@ -16,6 +16,8 @@
 //          + bias[n]
 // so the inner loop is decode + FMA only; the per-group zero term uses precomputed sums of x.
 
+#include "cherryq/cherryq_cpu_epilogue.h"
+
 constexpr int kPrefetchBytes = 2048;  // ~32 cache lines ahead of the packed-weight stream
 
 struct Kernel {
@@ -32,10 +34,11 @@ struct Kernel {
     }
   }
 
-  template <int BITS, int MB>
+  // PPG: packs per group when known at compile time (group 64 / 128), 0 = read from `a`.
+  template <int BITS, int MB, int PPG>
   static void gemv_row(const CpuMatmulArgs& a, int64_t n, int m0) {
     const int64_t K = a.K, G = K / a.group_size, words_per_row = K / 32 * BITS;
-    const int packs_per_group = a.group_size / 32;
+    const int packs_per_group = PPG ? PPG : a.group_size / 32;
     const int32_t* wrow = a.qweight + n * words_per_row;
     const uint16_t* srow = a.scales + n * G;
     const uint16_t* zrow = a.zeros + n * G;
@@ -74,22 +77,17 @@ struct Kernel {
     }
     float out[MB];
     for (int m = 0; m < MB; ++m) out[m] = Isa::reduce(tot[m]) + ztot[m];
-    // Cherries: rank-1 fix-ups on top of the dense part. Out-of-range indices are skipped.
-    const int32_t* crow = a.cherry_idx + n * a.C;
-    const uint16_t* vrow = a.cherry_val + n * a.C;
-    for (int64_t c = 0; c < a.C; ++c) {
-      const int64_t k = crow[c];
-      if (k < 0 || k >= K) continue;
-      const float delta = Isa::half(vrow[c]) - Isa::half(zrow[k / a.group_size]);
-      for (int m = 0; m < MB; ++m) out[m] += xrow[m][k] * delta;
-    }
-    const float b = a.bias ? a.bias[n] : 0.f;
-    for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.ldy + n] = out[m] + b;
+    add_cherries_and_store<MB>(a, n, m0, out, Isa::half);
   }
 
   template <int BITS, int MB>
   static void gemv_rows_mb(const CpuMatmulArgs& a, int64_t n0, int64_t n1, int m0) {
-    for (int64_t n = n0; n < n1; ++n) gemv_row<BITS, MB>(a, n, m0);
+    if (a.group_size == 128)
+      for (int64_t n = n0; n < n1; ++n) gemv_row<BITS, MB, 4>(a, n, m0);
+    else if (a.group_size == 64)
+      for (int64_t n = n0; n < n1; ++n) gemv_row<BITS, MB, 2>(a, n, m0);
+    else
+      for (int64_t n = n0; n < n1; ++n) gemv_row<BITS, MB, 0>(a, n, m0);
   }
 
   // y[m, n0:n1] for all m < M, x rows in register blocks of up to 4 (each weight decoded once per block).
