@@ -27,7 +27,15 @@ def sources(pattern: str) -> list[str]:
 
 
 VERSION = read_version()
-WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("PYFAST_FORCE_CPU") != "1"
+NVCC = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+WITH_CUDA = (
+    torch.version.cuda is not None
+    and NVCC is not None
+    and os.path.exists(NVCC)
+    and os.environ.get("PYFAST_FORCE_CPU") != "1"
+)
+if torch.version.cuda is not None and not WITH_CUDA:
+    print("pyfast: torch has CUDA but nvcc was not found (or PYFAST_FORCE_CPU=1): building the CPU kernels only")
 ARCH_LIST = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a") if WITH_CUDA else ""
 
 # Host sources: the schema, the pybind module and every CPU kernel. The *_cuda_host.cpp files

@@ -14,6 +14,7 @@
 namespace pyfast {
 bool cpu_has_avx512();  // csrc/cherryq/cherryq_cpu.cpp
 bool cpu_has_avx2();
+bool& cpu_force_scalar();
 }  // namespace pyfast
 
 namespace pyfast {
@@ -33,6 +34,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfast compiled kernels (ops are under torch.ops.pyfast)";
   m.def("set_poison_outputs", [](bool on) { pyfast::poison_outputs() = on; },
         "Fill every op output with NaN before the kernel writes it (for tests).");
+  m.def("set_cpu_isa", [](const std::string& isa) {
+        TORCH_CHECK(isa == "auto" || isa == "scalar" || isa == "avx512",
+                    "pyfast.set_cpu_isa: expected isa 'auto', 'scalar' or 'avx512', got '", isa, "'");
+        TORCH_CHECK(isa != "avx512" || pyfast::cpu_has_avx512(), "pyfast.set_cpu_isa: this CPU has no AVX-512");
+        pyfast::cpu_force_scalar() = isa == "scalar";
+      },
+      "Pick the CPU kernels: 'auto' (the best this CPU runs), 'scalar' (portable) or 'avx512' (for tests).");
   m.def("build_info", []() {
     pybind11::dict info;
     info["version"] = PYFAST_VERSION;

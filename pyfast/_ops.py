@@ -15,8 +15,16 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
+
+
+def has_cuda_kernels() -> bool:
+    """True when pyfast._C was built with its CUDA kernels (a CUDA torch and nvcc at build time)."""
+    return bool(_C.build_info()["cuda"])
 
 
 def build_info() -> dict:

@@ -28,6 +28,11 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool& cpu_force_scalar() {  // set from Python (pyfast._C.set_cpu_isa) so tests reach every path
+  static bool force = false;
+  return force;
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -89,7 +94,7 @@ at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, co
   a.M = M, a.N = N, a.K = K, a.C = shp.C;
   a.bits = static_cast<int>(bits), a.group_size = static_cast<int>(group_size);
 
-  const bool avx512 = cpu_has_avx512();
+  const bool avx512 = cpu_has_avx512() && !cpu_force_scalar();
   if (M <= kGemvMaxRows) {
     const RowsFn rows = avx512 ? gemv_rows_avx512 : gemv_rows_scalar;
     // Grain: enough rows that each task streams >= ~64 KiB of packed weights.

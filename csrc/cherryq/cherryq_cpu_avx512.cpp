@@ -2,9 +2,17 @@
 // has these (runtime check in cherryq_cpu.cpp). No torch or std headers past the pragma:
 // everything compiled under it stays in this unit.
 #include <cstdint>
-#include <immintrin.h>
 
 #include "cherryq/cherryq_cpu.h"
+
+#if !(defined(__x86_64__) || defined(_M_X64))
+// Not an x86 CPU: cpu_has_avx512() is false, these are never called; keep the symbols linkable.
+namespace pyfast::cherryq {
+void gemv_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t n1) { gemv_rows_scalar(a, n0, n1); }
+void gemm_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel) { gemm_rows_scalar(a, n0, rows, panel); }
+}  // namespace pyfast::cherryq
+#else
+#include <immintrin.h>
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
@@ -76,3 +84,4 @@ void gemm_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* p
 }  // namespace pyfast::cherryq
 
 #pragma GCC pop_options
+#endif  // x86

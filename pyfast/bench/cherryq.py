@@ -38,7 +38,7 @@ def _int4_weights(ws: list[torch.Tensor], device: str, dtype: torch.dtype):
 def _shape_cases(device: str, m: int, n: int, k: int) -> list[Case]:
     gen = torch.Generator().manual_seed(0)
     ws = [torch.randn(n, k, generator=gen) for _ in range(ROTATE)]
-    qws = [pyfast.cherryq_quantize(w, bits=BITS, group_size=GROUP).to(device) for w in ws]
+    qws = [pyfast.cherryq_quantize(w.to(device), bits=BITS, group_size=GROUP) for w in ws]
     x32 = torch.randn(m, k, generator=gen).to(device)
     act = torch.float32 if device == "cpu" else torch.float16  # GPU: fp16 activations everywhere
     x = x32.to(act)
@@ -64,10 +64,9 @@ def _shape_cases(device: str, m: int, n: int, k: int) -> list[Case]:
     except RuntimeError:  # (NotImplementedError included) some builds lack the kernel
         pass
     qbytes = qws[0].nbytes() + io
-    backends = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    info = pyfast.build_info()
+    backends = ["cpu"] if device == "cpu" else ["cuda"] * info["cuda"] + ["triton"] * info["triton"]
     for b in backends:
-        if b == "triton" and not pyfast.build_info()["triton"]:
-            continue
         cases.append(Case("cherryq_matmul", shape, f"pyfast {b} {BITS}b g{GROUP}",
                           lambda i, b=b: pyfast.cherryq_matmul(x, qws[i], backend=b), ROTATE, bytes=qbytes))
     return cases

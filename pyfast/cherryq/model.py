@@ -144,11 +144,24 @@ def load_quantized(model: nn.Module, path: str, *, strict: bool = True) -> nn.Mo
     except RuntimeError as e:
         raise ValueError(f"pyfast.load_quantized: {path} does not match the model: {e}") from e
     for name in config:
-        m = model.get_submodule(name)
-        from pyfast.cherryq.ops import check_weight
-
-        check_weight("load_quantized", m.quantized_weight)
-        idx = m.cherry_idx
-        if idx.numel() and (idx.min() < 0 or idx.max() >= m.in_features):
-            fail("load_quantized", f"{name}.cherry_idx", f"values in [0, {m.in_features})", "out-of-range indices")
+        check_cherries(f"{name}", model.get_submodule(name).quantized_weight)
     return model
+
+
+def check_cherries(name: str, qw) -> None:
+    """What the kernels rely on and a tampered file could break: cherry columns in range and
+    strictly ascending per row, and packed code 0 under every cherry."""
+    from pyfast.cherryq.format import unpack_codes
+    from pyfast.cherryq.ops import check_weight
+
+    op = "load_quantized"
+    check_weight(op, qw)
+    idx = qw.cherry_idx.long()
+    if not idx.numel():
+        return
+    if idx.min() < 0 or idx.max() >= qw.in_features:
+        fail(op, f"{name}.cherry_idx", f"values in [0, {qw.in_features})", "out-of-range indices")
+    if (idx[:, 1:] <= idx[:, :-1]).any():
+        fail(op, f"{name}.cherry_idx", "strictly ascending columns per row", "repeated or unsorted columns")
+    if unpack_codes(qw.qweight, qw.bits).gather(1, idx).any():
+        fail(op, f"{name}.qweight", "code 0 under every cherry", "non-zero codes")

@@ -16,6 +16,7 @@ from pyfast.reference import cherryq as reference
 
 OP = "cherryq_matmul"
 GEMV_MAX_ROWS = 8  # above this many rows of x, CUDA devices use the Triton tensor-core GEMM
+_CUDA_KERNELS = _ops.has_cuda_kernels()
 
 
 def check_weight(op: str, qw) -> None:
@@ -54,17 +55,22 @@ def _dense_weight(qweight, scales, zeros, cherry_idx, cherry_val, bits, group_si
 
 
 def _setup_context(ctx, inputs, output):
-    x, *weight, _bias, bits, group_size = inputs
+    x, *weight, bias, bits, group_size = inputs
     ctx.save_for_backward(*weight)
-    ctx.meta = (bits, group_size, x.dtype)
+    ctx.meta = (bits, group_size, x.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, grad):
-    """dL/dx = grad @ W (W dequantized in fp32). The weights are frozen; no other gradient."""
-    bits, group_size, dtype = ctx.meta
-    w = _dense_weight(*ctx.saved_tensors, bits, group_size)
-    grad_x = (grad.float() @ w).to(dtype)
-    return grad_x, None, None, None, None, None, None, None, None
+    """dL/dx = grad @ W (W dequantized in fp32), dL/dbias = grad summed over rows. The packed
+    weights are frozen (QAT trains a float master weight instead, see CherryQLinear)."""
+    bits, group_size, dtype, bias_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = _dense_weight(*ctx.saved_tensors, bits, group_size)
+        grad_x = (grad.float() @ w).to(dtype)
+    if bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
+    return grad_x, None, None, None, None, None, grad_bias, None, None
 
 
 def _fake(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size):
@@ -116,6 +122,10 @@ def cherryq_matmul(
     """
     check_matmul_args(x, qw, bias)
     chosen = check_backend(OP, backend, x.device)
+    if chosen == "cuda" and not _CUDA_KERNELS:
+        if backend == "cuda" or not _ops.has_triton():
+            fail(OP, "backend", "'cuda' only in a build with the CUDA kernels (rebuild with nvcc present)", "a CPU-only build")
+        chosen = "triton"
     if backend is None and chosen == "cuda" and x.numel() // max(x.shape[-1], 1) > GEMV_MAX_ROWS and _ops.has_triton():
         chosen = "triton"
     if chosen == "reference":

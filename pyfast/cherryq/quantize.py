@@ -10,6 +10,7 @@ from pyfast._validate import check_choice, check_tensor, fail
 from pyfast.cherryq.format import PACK, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CherryQWeight, pack_codes
 
 OP = "cherryq_quantize"
+FP16_MAX = 65504.0  # scales, zeros and cherries are stored in float16
 
 
 def default_cherries_per_row(in_features: int) -> int:
@@ -80,6 +81,8 @@ def check_quantize_args(weight, bits, group_size, cherries_per_row, impact) -> i
         check_tensor(OP, "impact", impact, shape=(n, k), device=weight.device)
     if not torch.isfinite(weight).all():
         fail(OP, "weight", "finite values", "inf or NaN")
+    if weight.abs().max() > FP16_MAX:
+        fail(OP, "weight", f"values within the float16 range (|w| <= {FP16_MAX})", f"max |w| = {weight.abs().max().item()}")
     return cherries_per_row
 
 

@@ -9,7 +9,15 @@ import dataclasses
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def pyfast_cuda_kernels() -> bool:
+    import pyfast
+
+    return bool(pyfast.build_info()["cuda"])
+
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not pyfast_cuda_kernels(), reason="needs a CUDA device and a build with the CUDA kernels"
+)
 
 N = 257  # odd: the last thread group of the last block has rows past N
 

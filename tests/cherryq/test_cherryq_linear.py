@@ -19,6 +19,15 @@ class TinyMLP(nn.Module):
         return self.head(self.down(torch.relu(self.up(x))))
 
 
+def test_bias_gets_gradient():
+    q = pyfast.CherryQLinear.from_linear(nn.Linear(128, 8), bits=3, group_size=64)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    g = torch.randn(2, 3, 8)
+    (q(x) * g).sum().backward()
+    assert_close(q.bias.grad, g.sum((0, 1)), 1e-6)
+    assert x.grad is not None
+
+
 def test_from_linear_matches_dequantized():
     lin = nn.Linear(256, 48)
     q = pyfast.CherryQLinear.from_linear(lin, bits=3, group_size=128)
@@ -66,7 +75,7 @@ def test_quantize_model_and_safetensors_roundtrip(tmp_path):
 
 
 def test_load_rejects_truncated_and_tampered(tmp_path):
-    qmodel = pyfast.quantize_model(TinyMLP(), bits=3, group_size=128)
+    qmodel = pyfast.quantize_model(TinyMLP(), bits=3, group_size=128, cherries_per_row=2)
     path = tmp_path / "q.safetensors"
     pyfast.save_quantized(qmodel, str(path))
     data = path.read_bytes()
@@ -87,6 +96,16 @@ def test_load_rejects_truncated_and_tampered(tmp_path):
     save_file(sd, str(tmp_path / "tampered.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="cherry_idx"):
         pyfast.load_quantized(TinyMLP(), str(tmp_path / "tampered.safetensors"))
+    sd = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    sd["up.cherry_idx"][:, 0] = sd["up.cherry_idx"][:, 1]  # a repeated cherry column
+    save_file(sd, str(tmp_path / "dup.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="ascending"):
+        pyfast.load_quantized(TinyMLP(), str(tmp_path / "dup.safetensors"))
+    sd = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    sd["up.qweight"].fill_(-1)  # every code non-zero, cherries included
+    save_file(sd, str(tmp_path / "codes.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="code 0"):
+        pyfast.load_quantized(TinyMLP(), str(tmp_path / "codes.safetensors"))
     # a plain (non-pyfast) safetensors file
     save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="pyfast CherryQ"):
@@ -154,3 +173,10 @@ def test_qat_cherries_get_exact_gradient():
     (q(x) * g).sum().backward()
     # straight-through: d out / d W = g^T x for every weight, cherry or not
     assert_close(q.weight.grad, g.T @ x, 1e-5)
+    # the forward weight: cherries exactly the master weight, the rest on the quantization grid
+    from pyfast.cherryq.quantize import fake_quantize
+
+    fq = fake_quantize(q.weight, q.keep_mask, q.bits, q.group_size).detach()
+    cherry = ~q.keep_mask
+    assert torch.equal(fq[cherry], q.weight.detach()[cherry])
+    assert (fq[~cherry] != q.weight.detach()[~cherry]).float().mean() > 0.9

@@ -103,6 +103,7 @@ def test_constant_group_and_all_cherry_group():
         (dict(weight=torch.randn(4, 128), impact=torch.randn(4, 64)), "impact"),
         (dict(weight=torch.randn(4, 128), cherries_per_row=-1), "cherries_per_row"),
         (dict(weight=torch.full((4, 128), float("nan"))), "finite"),
+        (dict(weight=torch.full((4, 128), 1e6)), "float16 range"),
     ],
 )
 def test_bad_input(kwargs, match):
