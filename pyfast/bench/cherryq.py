@@ -61,7 +61,7 @@ def _shape_cases(device: str, m: int, n: int, k: int) -> list[Case]:
         mm(xb, i4[0][0], GROUP, i4[0][1])  # probe: some builds lack the kernel
         cases.append(Case("cherryq_matmul", shape, "torch int4 (bf16 x)", lambda i: mm(xb, i4[i][0], GROUP, i4[i][1]),
                           ROTATE, bytes=n * k // 2 + n * (k // GROUP) * 4 + io))
-    except RuntimeError:  # (NotImplementedError included) some builds lack the kernel
+    except RuntimeError:  # some torch builds lack this kernel
         pass
     qbytes = qws[0].nbytes() + io
     info = pyfast.build_info()
