@@ -144,7 +144,7 @@ def load_quantized(model: nn.Module, path: str, *, strict: bool = True) -> nn.Mo
     except RuntimeError as e:
         raise ValueError(f"pyfast.load_quantized: {path} does not match the model: {e}") from e
     for name in config:
-        check_cherries(f"{name}", model.get_submodule(name).quantized_weight)
+        check_cherries(name, model.get_submodule(name).quantized_weight)
     return model
 
 

@@ -38,7 +38,7 @@ def test_from_linear_matches_dequantized():
 
 
 def test_gpt2_conv1d_drop_in():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     conv = Conv1D(48, 128)  # nf=48 outputs, nx=128 inputs; weight [128, 48]
@@ -50,7 +50,6 @@ def test_gpt2_conv1d_drop_in():
     assert q(x).shape == ref.shape
     # 4-bit rounding error only: within 10% relative of the float layer
     assert ((q(x) - ref).norm() / ref.norm()) < 0.1
-    del transformers
 
 
 def test_state_dict_roundtrip():
@@ -88,7 +87,7 @@ def test_load_rejects_truncated_and_tampered(tmp_path):
     # tampered cherry indices (out of range) are caught after loading
     sd = {k: v.clone() for k, v in qmodel.state_dict().items()}
     sd["up.cherry_idx"].fill_(10**6)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -110,7 +109,6 @@ def test_load_rejects_truncated_and_tampered(tmp_path):
     save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="pyfast CherryQ"):
         pyfast.load_quantized(TinyMLP(), str(tmp_path / "plain.safetensors"))
-    del load_file
 
 
 def test_estimate_impact_is_mean_grad_squared():

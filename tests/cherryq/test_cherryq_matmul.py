@@ -113,12 +113,10 @@ def test_opcheck(m):
 
 
 def test_torch_compile_fullgraph():
-    qw = make(24, 128, 4, 128)
     lin = pyfast.CherryQLinear.from_linear(torch.nn.Linear(128, 24), bits=4)
     x = torch.randn(3, 128)
     compiled = torch.compile(lin, fullgraph=True, backend="aot_eager")
     assert_close(compiled(x), lin(x), 1e-6)
-    del qw
 
 
 @pytest.mark.parametrize(
