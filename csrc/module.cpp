@@ -11,11 +11,7 @@
 #define PYFAST_CUDA_ARCH_LIST ""
 #endif
 
-namespace pyfast {
-bool cpu_has_avx512();  // csrc/cherryq/cherryq_cpu.cpp
-bool cpu_has_avx2();
-bool& cpu_force_scalar();
-}  // namespace pyfast
+#include "common/cpu_isa.h"
 
 namespace pyfast {
 bool& poison_outputs() {

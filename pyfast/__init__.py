@@ -15,6 +15,9 @@ from pyfast.cherryq import (
     quantize_model,
     save_quantized,
 )
+from pyfast.sparse import append_kv, decode_attention, sparse_decode_attention
+from pyfast import sparse
+from pyfast.sparse import SparseKVCache
 
 __all__ = [
     "__version__",
@@ -29,4 +32,17 @@ __all__ = [
     "finish_qat",
     "save_quantized",
     "load_quantized",
+    "append_kv",
+    "decode_attention",
+    "sparse_decode_attention",
+    "SparseKVCache",
+    "SparseDecodingCache",
+    "enable_sparse_decoding",
+    "disable_sparse_decoding",
 ]
+
+
+def __getattr__(name):  # the transformers integration loads on first use (transformers is optional)
+    if name in sparse.HF_NAMES:
+        return getattr(sparse, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

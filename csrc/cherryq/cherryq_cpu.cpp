@@ -14,32 +14,9 @@
 #include "cherryq/cherryq_checks.h"
 #include "common/alloc.h"
 #include "cherryq/cherryq_cpu.h"
+#include "common/cpu_isa.h"
 
 namespace pyfast {
-
-bool cpu_has_avx512() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-bool& cpu_force_scalar() {  // set from Python (pyfast._C.set_cpu_isa) so tests reach every path
-  static bool force = false;
-  return force;
-}
-
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
 
 namespace cherryq {
 namespace {
@@ -94,7 +71,7 @@ at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, co
   a.M = M, a.N = N, a.K = K, a.C = shp.C;
   a.bits = static_cast<int>(bits), a.group_size = static_cast<int>(group_size);
 
-  const bool avx512 = cpu_has_avx512() && !cpu_force_scalar();
+  const bool avx512 = cpu_use_avx512();
   if (M <= kGemvMaxRows) {
     const RowsFn rows = avx512 ? gemv_rows_avx512 : gemv_rows_scalar;
     // Grain: enough rows that each task streams >= ~64 KiB of packed weights.

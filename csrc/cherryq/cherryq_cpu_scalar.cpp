@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "cherryq/cherryq_cpu.h"
+#include "common/cpu_isa.h"
 
 namespace pyfast::cherryq {
 namespace {
@@ -24,25 +25,7 @@ struct Isa {
   }
   static inline float reduce(const V& a) { float s = 0.f; for (int i = 0; i < 16; ++i) s += a.v[i]; return s; }
 
-  // IEEE binary16 bits -> float (normals, subnormals, inf, NaN).
-  static inline float half(uint16_t h) {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
-    if (exp == 0x1F) {
-      bits = sign | 0x7F800000u | (man << 13);
-    } else if (exp != 0) {
-      bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalize
-      exp = 113;
-      while (!(man & 0x400u)) { man <<= 1; --exp; }
-      bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
+  static inline float half(uint16_t h) { return half_bits_to_float(h); }
 
   template <int BITS>
   static inline void decode(const int32_t* w, V& c0, V& c1) {

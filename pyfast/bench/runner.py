@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("cherryq",)
+FAMILIES = ("copy", "cherryq", "sparse")
 
 
 @dataclasses.dataclass

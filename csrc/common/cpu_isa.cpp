@@ -1,0 +1,30 @@
+// Runtime CPU feature detection (declared in common/cpu_isa.h).
+#include "common/cpu_isa.h"
+
+namespace pyfast {
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool& cpu_force_scalar() {
+  static bool force = false;
+  return force;
+}
+
+}  // namespace pyfast

@@ -1,0 +1,70 @@
+// Checks of the sparse-decoding arguments, shared by the CPU and CUDA implementations
+// (the same rules as pyfast/sparse/ops.py, for callers of torch.ops.pyfast.* directly).
+// Layouts: caches [B, Hkv, Tmax, D], cache_seqlens int32 [B], block_keys [B, Hkv, Tmax / bs, D],
+// q [B, Hq, D] with Hq % Hkv == 0.
+#pragma once
+#include "common/checks.h"
+
+namespace pyfast::sparse {
+
+struct CacheShape {
+  int64_t B, Hkv, Tmax, D;
+};
+
+inline CacheShape check_cache(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& cache_seqlens) {
+  check_float_dtype(op, "k_cache", k_cache);
+  TORCH_CHECK(k_cache.dim() == 4, "pyfast.", op, ": expected k_cache 4-D [B, Hkv, Tmax, D], got shape ",
+              shape_str(k_cache.sizes()));
+  const CacheShape s{k_cache.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3)};
+  TORCH_CHECK(s.B > 0 && s.Hkv > 0 && s.Tmax > 0 && s.D > 0, "pyfast.", op,
+              ": expected k_cache non-empty [B, Hkv, Tmax, D], got shape ", shape_str(k_cache.sizes()));
+  check_shape(op, "v_cache", v_cache, {s.B, s.Hkv, s.Tmax, s.D});
+  check_dtype(op, "v_cache", v_cache, k_cache.scalar_type());
+  check_same_device(op, "v_cache", v_cache, k_cache);
+  check_shape(op, "cache_seqlens", cache_seqlens, {s.B});
+  check_dtype(op, "cache_seqlens", cache_seqlens, at::kInt);
+  check_same_device(op, "cache_seqlens", cache_seqlens, k_cache);
+  return s;
+}
+
+inline void check_block_keys(const char* op, const at::Tensor& block_keys, const at::Tensor& k_cache,
+                             const CacheShape& s, int64_t block_size) {
+  TORCH_CHECK(block_size >= 1, "pyfast.", op, ": expected block_size >= 1, got ", block_size);
+  check_shape(op, "block_keys", block_keys, {s.B, s.Hkv, s.Tmax / block_size, s.D});
+  check_dtype(op, "block_keys", block_keys, k_cache.scalar_type());
+  check_same_device(op, "block_keys", block_keys, k_cache);
+  TORCH_CHECK(block_keys.numel() == 0 || block_keys.stride(-1) == 1, "pyfast.", op,
+              ": expected block_keys with stride 1 in its last dim, got strides ", shape_str(block_keys.strides()));
+}
+
+// Returns Hq / Hkv (query heads per KV head).
+inline int64_t check_query(const char* op, const at::Tensor& q, const at::Tensor& k_cache, const CacheShape& s) {
+  check_dtype(op, "q", q, k_cache.scalar_type());
+  check_same_device(op, "q", q, k_cache);
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == s.B && q.size(2) == s.D, "pyfast.", op, ": expected q shape [", s.B,
+              ", Hq, ", s.D, "], got shape ", shape_str(q.sizes()));
+  TORCH_CHECK(q.size(1) >= 1 && q.size(1) % s.Hkv == 0, "pyfast.", op, ": expected q.shape[1] (Hq) a multiple of Hkv = ",
+              s.Hkv, ", got ", q.size(1));
+  return q.size(1) / s.Hkv;
+}
+
+inline void check_budget(const char* op, int64_t topk, int64_t sink_blocks, int64_t local_blocks) {
+  TORCH_CHECK(topk >= 0, "pyfast.", op, ": expected topk >= 0, got ", topk);
+  TORCH_CHECK(sink_blocks >= 0, "pyfast.", op, ": expected sink_blocks >= 0, got ", sink_blocks);
+  TORCH_CHECK(local_blocks >= 0, "pyfast.", op, ": expected local_blocks >= 0, got ", local_blocks);
+}
+
+// lo <= cache_seqlens[b] <= hi for a CPU tensor (GPU callers check on the host when not capturing).
+inline void check_seqlens_values(const char* op, const at::Tensor& cache_seqlens, int64_t lo, int64_t hi) {
+  if (cache_seqlens.numel() == 0) return;
+  const auto mn = cache_seqlens.min().item<int64_t>(), mx = cache_seqlens.max().item<int64_t>();
+  TORCH_CHECK(mn >= lo && mx <= hi, "pyfast.", op, ": expected cache_seqlens in [", lo, ", ", hi, "], got values in [",
+              mn, ", ", mx, "]");
+}
+
+inline double softmax_scale(const c10::optional<double>& scale, int64_t D) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
+}
+
+}  // namespace pyfast::sparse

@@ -1,0 +1,82 @@
+// Sparse-decoding CPU kernels for AVX-512 (F, BW, VL, DQ) + F16C. Only reached when the running
+// CPU has these (runtime check in sparse_cpu.cpp). No torch or std headers past the pragma:
+// everything compiled under it stays in this unit (anonymous namespace).
+#include <cstdint>
+
+#include "sparse/sparse_cpu.h"
+
+#if !(defined(__x86_64__) || defined(_M_X64))
+// Not an x86 CPU: cpu_has_avx512() is false, these are never called; keep the symbols linkable.
+namespace pyfast::sparse {
+void attend_split_avx512(const CpuAttnArgs& a, const SplitWork& w) { attend_split_scalar(a, w); }
+void block_scores_avx512(const float* qbar, const void* keys, int64_t ld, Elem elem, int64_t n, int64_t D, float* out) {
+  block_scores_scalar(qbar, keys, ld, elem, n, D, out);
+}
+}  // namespace pyfast::sparse
+#else
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+
+namespace pyfast::sparse {
+namespace {
+
+struct Isa {
+  using V = __m512;
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V set1(float f) { return _mm512_set1_ps(f); }
+  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
+  static inline float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
+  static inline V loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void storef(float* p, V v) { _mm512_storeu_ps(p, v); }
+
+  // n <= 16 elements of type E as fp32; masked loads never touch memory past element n.
+  template <Elem E>
+  static inline V load(const void* p, int64_t n) {
+    const __mmask16 m = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+    if constexpr (E == Elem::kF32) {
+      return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+    } else {
+      const __m256i h = n >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p);
+      if constexpr (E == Elem::kF16) return _mm512_cvtph_ps(h);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 = top half of fp32
+    }
+  }
+
+  // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; 2^f by its degree-7 Taylor series in f*ln2
+  // (truncation error < 1e-8 relative). x is clamped to [-150, 128] so -inf gives 0 (2^-150
+  // underflows) and scalef never sees an infinite exponent; NaN passes through max/min/scalef.
+  static inline V exp2(V x) {
+    x = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-150.f), x));
+    const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.69314718055994531f));  // f * ln 2
+    V p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+  }
+};
+
+#include "sparse/sparse_cpu_kernel.h"
+
+}  // namespace
+
+void attend_split_avx512(const CpuAttnArgs& a, const SplitWork& w) { Kernel::attend_split(a, w); }
+void block_scores_avx512(const float* qbar, const void* keys, int64_t ld, Elem elem, int64_t n, int64_t D, float* out) {
+  Kernel::block_scores(qbar, keys, ld, elem, n, D, out);
+}
+
+}  // namespace pyfast::sparse
+
+#pragma GCC pop_options
+#endif
