@@ -47,23 +47,31 @@ struct Kernel {
       for (int j = 0; j < NG; ++j) w.pbuf[(g0 + j) * kTile + i] = -__builtin_inff();
   }
 
-  // acc_g += sum_i p_gi v_i for heads [g0, g0 + NG): NG accumulator vectors stay in registers
-  // across the tile and each V vector is loaded once for all of them.
+  // acc_g += sum_i p_gi v_i for heads [g0, g0 + NG): NG x CW accumulator vectors stay in
+  // registers across the tile and each V vector is loaded once for all NG heads.
   template <Elem E, int NG, bool FULL>
   static void tile_values(const CpuAttnArgs& a, const SplitWork& w, const typename ElemType<E>::T* vt, int64_t nt,
                           int64_t g0) {
     const int64_t D = a.D, Dp = a.Dp;
     const float* p = w.pbuf + g0 * kTile;
-    for (int64_t c = 0; c < D; c += kLanes) {
-      const int64_t n = FULL ? kLanes : lanes_at(D, c);
-      float* acc = w.acc + g0 * Dp + c;
-      V ac[NG];
-      for (int j = 0; j < NG; ++j) ac[j] = Isa::loadf(acc + j * Dp);
+    constexpr int CW = 4;  // vectors of a row handled per pass: NG * CW accumulators in registers
+    for (int64_t c0 = 0; c0 < D; c0 += CW * kLanes) {
+      float* acc = w.acc + g0 * Dp + c0;
+      const int64_t nv = (D - c0 + kLanes - 1) / kLanes < CW ? (D - c0 + kLanes - 1) / kLanes : CW;
+      V ac[NG][CW];
+      for (int j = 0; j < NG; ++j)
+        for (int u = 0; u < CW; ++u) ac[j][u] = u < nv ? Isa::loadf(acc + j * Dp + u * kLanes) : Isa::zero();
       for (int64_t i = 0; i < nt; ++i) {
-        const V x = Isa::template load<E>(vt + i * a.v_st + c, n);
-        for (int j = 0; j < NG; ++j) ac[j] = Isa::fma(Isa::set1(p[j * kTile + i]), x, ac[j]);
+        const auto* vr = vt + i * a.v_st + c0;
+        for (int u = 0; u < CW; ++u) {
+          if (u >= nv) break;
+          const V x = Isa::template load<E>(vr + u * kLanes, FULL ? kLanes : lanes_at(D, c0 + u * kLanes));
+          for (int j = 0; j < NG; ++j) ac[j][u] = Isa::fma(Isa::set1(p[j * kTile + i]), x, ac[j][u]);
+        }
       }
-      for (int j = 0; j < NG; ++j) Isa::storef(acc + j * Dp, ac[j]);
+      for (int j = 0; j < NG; ++j)
+        for (int u = 0; u < CW; ++u)
+          if (u < nv) Isa::storef(acc + j * Dp + u * kLanes, ac[j][u]);
     }
   }
 
@@ -123,9 +131,9 @@ struct Kernel {
     const int64_t row_bytes = a.D * static_cast<int64_t>(sizeof(typename ElemType<E>::T));
     for (int64_t t = t0; t < t1; t += kTile) {
       const int64_t nt = t1 - t < kTile ? t1 - t : kTile;
-      // Software prefetch of the next tile's K and V rows: decode is a pure stream of K/V and the
-      // V loop walks a tile column chunk by column chunk, which the hardware prefetchers follow
-      // poorly; without this each tile waits on DRAM latency.
+      // Software prefetch of the next tile's K and V rows: decode is a pure stream of K/V, and the
+      // V loop walks a tile in passes of 4 vectors per row (strided), which the hardware
+      // prefetchers follow less well than a plain sequential read.
       for (int64_t i = t + kTile; i < t + 2 * kTile && i < t1; ++i) {
         const char* kr = reinterpret_cast<const char*>(kb + i * a.k_st);
         const char* vr = reinterpret_cast<const char*>(vb + i * a.v_st);
