@@ -40,12 +40,12 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& qwei
   check_shape(op, "cherry_val", cherry_val, {N, C});
   for (auto* t : {&qweight, &scales, &zeros, &cherry_idx, &cherry_val}) {
     TORCH_CHECK(t->is_contiguous(), "pyfast.", op, ": expected contiguous quantized-weight tensors");
-    check_same_device(op, "quantized-weight tensors", *t, x);
+    check_same_device(op, "quantized-weight tensors", *t, x, "x");
   }
   if (bias.has_value()) {
     check_shape(op, "bias", *bias, {N});
     check_float_dtype(op, "bias", *bias);
-    check_same_device(op, "bias", *bias, x);
+    check_same_device(op, "bias", *bias, x, "x");
   }
   return {x.numel() / K, N, K, C};
 }

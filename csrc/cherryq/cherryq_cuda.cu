@@ -68,8 +68,6 @@ cudaError_t launch_rows(const GemvParams& p, int mb, int64_t m_begin, unsigned g
   }
 }
 
-bool valid_dtype(DType d) { return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16; }
-
 }  // namespace
 
 cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream) {

@@ -7,12 +7,13 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace pyfast {
 namespace cherryq {
 
-// Floating dtypes of x, bias and y. float16 tensors of the format (scales, zeros,
+// x, bias and y are in any pyfast::DType. float16 tensors of the format (scales, zeros,
 // cherry_val) are always float16 and are passed as raw 16-bit patterns.
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // y[M, N] = x[M, K] @ dequantize(W).T + bias, accumulated in float32.
 struct GemvParams {

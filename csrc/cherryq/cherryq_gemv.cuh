@@ -52,6 +52,7 @@
 #include <cstring>
 
 #include "cherryq/cherryq_cuda.h"
+#include "common/cuda_dtype.cuh"
 
 namespace pyfast {
 namespace cherryq {
@@ -240,35 +241,6 @@ __host__ __device__ inline float pack_code(const uint32_t* w, int c) {
   uint32_t u[L::parts];
   unpack_word<BITS>(w, c / L::cols, u);
   return magic_code(u[L::part(c % L::cols)], L::byte(c % L::cols)) - kTwo23;
-}
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// Read-only loads through the non-coherent path (the weights and x are not written by the kernel).
-template <typename U>
-__device__ __forceinline__ U ld_ro(const U* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(p);
-#else
-  return *p;
-#endif
 }
 
 __device__ __forceinline__ float load_float(const void* p, DType dtype, int64_t i) {

@@ -44,9 +44,11 @@ inline void check_float_dtype(const char* op, const char* arg, const at::Tensor&
               " dtype float32, float16 or bfloat16, got ", d);
 }
 
-inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), "pyfast.", op, ": expected ", arg, " on ", ref.device(), " (the device of x), got ",
-              t.device());
+// `ref_arg` names the tensor whose device every other argument must share (e.g. "x", "k_cache").
+inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref,
+                              const char* ref_arg) {
+  TORCH_CHECK(t.device() == ref.device(), "pyfast.", op, ": expected ", arg, " on ", ref.device(), " (the device of ",
+              ref_arg, "), got ", t.device());
 }
 
 // Only the last dim needs stride 1 (DESIGN.md); anything else is copied once.

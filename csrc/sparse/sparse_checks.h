@@ -21,10 +21,10 @@ inline CacheShape check_cache(const char* op, const at::Tensor& k_cache, const a
               ": expected k_cache non-empty [B, Hkv, Tmax, D], got shape ", shape_str(k_cache.sizes()));
   check_shape(op, "v_cache", v_cache, {s.B, s.Hkv, s.Tmax, s.D});
   check_dtype(op, "v_cache", v_cache, k_cache.scalar_type());
-  check_same_device(op, "v_cache", v_cache, k_cache);
+  check_same_device(op, "v_cache", v_cache, k_cache, "k_cache");
   check_shape(op, "cache_seqlens", cache_seqlens, {s.B});
   check_dtype(op, "cache_seqlens", cache_seqlens, at::kInt);
-  check_same_device(op, "cache_seqlens", cache_seqlens, k_cache);
+  check_same_device(op, "cache_seqlens", cache_seqlens, k_cache, "k_cache");
   return s;
 }
 
@@ -33,7 +33,7 @@ inline void check_block_keys(const char* op, const at::Tensor& block_keys, const
   TORCH_CHECK(block_size >= 1, "pyfast.", op, ": expected block_size >= 1, got ", block_size);
   check_shape(op, "block_keys", block_keys, {s.B, s.Hkv, s.Tmax / block_size, s.D});
   check_dtype(op, "block_keys", block_keys, k_cache.scalar_type());
-  check_same_device(op, "block_keys", block_keys, k_cache);
+  check_same_device(op, "block_keys", block_keys, k_cache, "k_cache");
   TORCH_CHECK(block_keys.numel() == 0 || block_keys.stride(-1) == 1, "pyfast.", op,
               ": expected block_keys with stride 1 in its last dim, got strides ", shape_str(block_keys.strides()));
 }
@@ -41,7 +41,7 @@ inline void check_block_keys(const char* op, const at::Tensor& block_keys, const
 // Returns Hq / Hkv (query heads per KV head).
 inline int64_t check_query(const char* op, const at::Tensor& q, const at::Tensor& k_cache, const CacheShape& s) {
   check_dtype(op, "q", q, k_cache.scalar_type());
-  check_same_device(op, "q", q, k_cache);
+  check_same_device(op, "q", q, k_cache, "k_cache");
   TORCH_CHECK(q.dim() == 3 && q.size(0) == s.B && q.size(2) == s.D, "pyfast.", op, ": expected q shape [", s.B,
               ", Hq, ", s.D, "], got shape ", shape_str(q.sizes()));
   TORCH_CHECK(q.size(1) >= 1 && q.size(1) % s.Hkv == 0, "pyfast.", op, ": expected q.shape[1] (Hq) a multiple of Hkv = ",
@@ -53,6 +53,23 @@ inline void check_budget(const char* op, int64_t topk, int64_t sink_blocks, int6
   TORCH_CHECK(topk >= 0, "pyfast.", op, ": expected topk >= 0, got ", topk);
   TORCH_CHECK(sink_blocks >= 0, "pyfast.", op, ": expected sink_blocks >= 0, got ", sink_blocks);
   TORCH_CHECK(local_blocks >= 0, "pyfast.", op, ": expected local_blocks >= 0, got ", local_blocks);
+}
+
+// The appended chunk: k_new, v_new [B, Hkv, Tn, D] in the cache's dtype and device, caches with a
+// unit last stride (written in place). Returns Tn.
+inline int64_t check_append(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const CacheShape& s,
+                            const at::Tensor& k_new, const at::Tensor& v_new) {
+  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1, "pyfast.", op,
+              ": expected k_cache and v_cache with stride 1 in their last dim (they are written in place), got strides ",
+              shape_str(k_cache.strides()), " and ", shape_str(v_cache.strides()));
+  check_shape(op, "k_new", k_new, {s.B, s.Hkv, -1, s.D});
+  const int64_t tn = k_new.size(2);
+  check_shape(op, "v_new", v_new, {s.B, s.Hkv, tn, s.D});
+  check_dtype(op, "k_new", k_new, k_cache.scalar_type());
+  check_dtype(op, "v_new", v_new, k_cache.scalar_type());
+  check_same_device(op, "k_new", k_new, k_cache, "k_cache");
+  check_same_device(op, "v_new", v_new, k_cache, "k_cache");
+  return tn;
 }
 
 // lo <= cache_seqlens[b] <= hi for a CPU tensor (GPU callers check on the host when not capturing).

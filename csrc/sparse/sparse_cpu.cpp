@@ -118,6 +118,7 @@ at::Tensor attend(const CpuAttnArgs& a, const RunTable& rt, int64_t B, int64_t H
 // largest (torch.sort order), so a NaN block is always chosen and poisons the output.
 uint32_t rank_key(float s) {
   if (std::isnan(s)) return 0xFFFFFFFFu;
+  if (s == 0.f) s = 0.f;  // -0.0 ties with +0.0, as in torch.sort
   uint32_t u;
   std::memcpy(&u, &s, sizeof u);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -282,15 +283,7 @@ void append_kv_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
   const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
   check_block_keys(op, block_keys, k_cache, s, block_size);
   TORCH_CHECK(k_cache.device().is_cpu(), "pyfast.", op, ": expected k_cache on the CPU, got ", k_cache.device());
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "pyfast.", op,
-              ": expected k_cache and v_cache with stride 1 in their last dim (they are written in place)");
-  check_shape(op, "k_new", k_new_, {s.B, s.Hkv, -1, s.D});
-  const int64_t Tn = k_new_.size(2);
-  check_shape(op, "v_new", v_new_, {s.B, s.Hkv, Tn, s.D});
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k_new", &k_new_}, {"v_new", &v_new_}}) {
-    check_dtype(op, name, *t, k_cache.scalar_type());
-    check_same_device(op, name, *t, k_cache);
-  }
+  const int64_t Tn = check_append(op, k_cache, v_cache, s, k_new_, v_new_);
   check_seqlens_values(op, cache_seqlens, 0, s.Tmax - Tn);
   const at::Tensor k_new = last_dim_contiguous(k_new_), v_new = last_dim_contiguous(v_new_);
   const std::vector<int64_t> len = lengths_of(cache_seqlens);
