@@ -38,11 +38,12 @@ instead of rounding to nearest, so bf16 outputs carry ~2x the GPU's rounding err
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from pyfast.kernels._utils import INTERPRETED, num_sms
 
 from pyfast.cherryq.format import PACK, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
@@ -299,22 +300,12 @@ def _prepare(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, gr
     return x2d, M, N, K, C
 
 
-# True when this module's kernels were built for TRITON_INTERPRET=1 (numpy on the host): the
-# decorator returns an InterpretedFunction instead of a JITFunction at import time.
-INTERPRETED = not isinstance(_cherryq_gemm_kernel, triton.runtime.JITFunction)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and not INTERPRETED:
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # interpreter: the fewest programs run fastest
 
 
 def _gemv_split_k(N: int, K: int, group_size: int, device: torch.device) -> int:
     """Enough (N tile, K split) programs for ~2 waves over the SMs, each split >= 1 group."""
     n_tiles = triton.cdiv(N, GEMV_BLOCK_N)
-    return max(1, min(K // group_size, triton.cdiv(2 * _num_sms(device), n_tiles), 32))
+    return max(1, min(K // group_size, triton.cdiv(2 * num_sms(device), n_tiles), 32))
 
 
 def cherryq_gemv_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size,

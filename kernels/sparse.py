@@ -44,12 +44,13 @@ to fp32 there (UPCAST_DOT); fp32 dots use input_precision="ieee" everywhere.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from pyfast.kernels._utils import INTERPRETED, num_sms
 
 # exp(x) == exp2(x * LOG2E): the softmax runs in base 2 with the scale folded into LOG2E.
 LOG2E = 1.4426950408889634
@@ -349,15 +350,6 @@ def _merge_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-# True when this module's kernels were built for TRITON_INTERPRET=1 (numpy on the host).
-INTERPRETED = not isinstance(_attention_kernel, triton.runtime.JITFunction)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and not INTERPRETED:
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # interpreter: the fewest programs run fastest
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -425,7 +417,7 @@ def _split_plan(n_programs: int, n_virt: int, bt: int, device: torch.device, num
     Depends on shapes only (n_virt is Tmax or the kept-list capacity), never on lengths."""
     tiles = triton.cdiv(max(n_virt, 1), bt)
     if num_splits is None:
-        waves = triton.cdiv(2 * _num_sms(device), n_programs)
+        waves = triton.cdiv(2 * num_sms(device), n_programs)
         num_splits = min(waves, triton.cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS)
     num_splits = max(1, min(int(num_splits), tiles))
     per_split = triton.cdiv(tiles, num_splits) * bt
