@@ -7,7 +7,7 @@ Layouts (the spec is pyfast/reference/sparse.py):
     q, out            [B, Hq, D]               Hq = G * Hkv, query head h*G + g reads KV head h
 
 Kernels:
-    _append_kv_kernel       grid (n_copy + n_mean, B*Hkv). The first n_copy programs copy tiles of
+    _append_kv_kernel       grid (n_copy + n_mean, Hkv, B). The first n_copy programs copy tiles of
                             k_new/v_new to [L_b, L_b + Tn); the others each write the fp32 mean
                             key of one block that becomes full, reading the block's old tokens
                             from the cache and its new ones from k_new (so they never wait for
@@ -76,11 +76,10 @@ def _append_kv_kernel(
     s_knb, s_knh, s_knt, s_vnb, s_vnh, s_vnt, s_len,
     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BT: tl.constexpr, BTM: tl.constexpr, BD: tl.constexpr,
 ):
-    """Program (p, bh): p < N_COPY copies new tokens [p*BT, (p+1)*BT) of k_new/v_new to the cache;
+    """Program (p, h, b): p < N_COPY copies new tokens [p*BT, (p+1)*BT) of k_new/v_new to the cache;
     p >= N_COPY writes block key j = L // BLOCK_SIZE + (p - N_COPY) if that block becomes full,
     summing its keys BTM tokens at a time."""
-    i_p, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // Hkv).to(tl.int64), (i_bh % Hkv).to(tl.int64)
+    i_p, i_h, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     n_old = tl.load(cache_seqlens + i_b * s_len)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -391,7 +390,8 @@ def append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_s
     n_copy = triton.cdiv(Tn, BT)
     n_mean = min(triton.cdiv(Tn, block_size), NB)  # the most blocks one append of Tn tokens completes
     # p on grid axis 0 (2^31 - 1 programs): a long prefill with a small block size needs many
-    _append_kv_kernel[(n_copy + n_mean, B * Hkv)](
+    # (head, batch) on axes 1 and 2 (each capped at 65535 programs; B * Hkv may exceed that).
+    _append_kv_kernel[(n_copy + n_mean, Hkv, B)](
         k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new,
         Hkv, Tmax, Tn, n_copy,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *block_keys.stride()[:3],

@@ -3,6 +3,10 @@
 // Layouts: caches [B, Hkv, Tmax, D], cache_seqlens int32 [B], block_keys [B, Hkv, Tmax / bs, D],
 // q [B, Hq, D] with Hq % Hkv == 0.
 #pragma once
+#include <ATen/MemoryOverlap.h>
+
+#include <utility>
+
 #include "common/checks.h"
 
 namespace pyfast::sparse {
@@ -25,17 +29,22 @@ inline CacheShape check_cache(const char* op, const at::Tensor& k_cache, const a
   check_shape(op, "cache_seqlens", cache_seqlens, {s.B});
   check_dtype(op, "cache_seqlens", cache_seqlens, at::kInt);
   check_same_device(op, "cache_seqlens", cache_seqlens, k_cache, "k_cache");
+  TORCH_CHECK(s.B == 1 || cache_seqlens.stride(0) == 1, "pyfast.", op,
+              ": expected cache_seqlens contiguous (kernels index it as an int32 array), got stride ",
+              cache_seqlens.stride(0));
   return s;
 }
 
+// Written in place by append_kv it needs a unit last stride; the attention ops copy it otherwise.
 inline void check_block_keys(const char* op, const at::Tensor& block_keys, const at::Tensor& k_cache,
-                             const CacheShape& s, int64_t block_size) {
+                             const CacheShape& s, int64_t block_size, bool written) {
   TORCH_CHECK(block_size >= 1, "pyfast.", op, ": expected block_size >= 1, got ", block_size);
   check_shape(op, "block_keys", block_keys, {s.B, s.Hkv, s.Tmax / block_size, s.D});
   check_dtype(op, "block_keys", block_keys, k_cache.scalar_type());
   check_same_device(op, "block_keys", block_keys, k_cache, "k_cache");
-  TORCH_CHECK(block_keys.numel() == 0 || block_keys.stride(-1) == 1, "pyfast.", op,
-              ": expected block_keys with stride 1 in its last dim, got strides ", shape_str(block_keys.strides()));
+  TORCH_CHECK(!written || block_keys.numel() == 0 || block_keys.stride(-1) == 1, "pyfast.", op,
+              ": expected block_keys with stride 1 in its last dim (it is written in place), got strides ",
+              shape_str(block_keys.strides()));
 }
 
 // Returns Hq / Hkv (query heads per KV head).
@@ -72,10 +81,19 @@ inline int64_t check_append(const char* op, const at::Tensor& k_cache, const at:
   return tn;
 }
 
+// Tensors written in place must not have elements sharing memory (e.g. expand() views).
+inline void check_written(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, "pyfast.", op, ": expected ", name,
+                " without overlapping elements (it is written in place), got strides ", shape_str(t->strides()));
+}
+
 // lo <= cache_seqlens[b] <= hi for a CPU tensor (GPU callers check on the host when not capturing).
 inline void check_seqlens_values(const char* op, const at::Tensor& cache_seqlens, int64_t lo, int64_t hi) {
   if (cache_seqlens.numel() == 0) return;
-  const auto mn = cache_seqlens.min().item<int64_t>(), mx = cache_seqlens.max().item<int64_t>();
+  const auto [mn_t, mx_t] = at::aminmax(cache_seqlens);
+  const at::Tensor both = at::stack({mn_t, mx_t}).to(at::kCPU);  // one device-to-host read
+  const int64_t mn = both[0].item<int64_t>(), mx = both[1].item<int64_t>();
   TORCH_CHECK(mn >= lo && mx <= hi, "pyfast.", op, ": expected cache_seqlens in [", lo, ", ", hi, "], got values in [",
               mn, ", ", mx, "]");
 }

@@ -205,17 +205,18 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_, const at::Tensor& k_cache,
 }
 
 at::Tensor sparse_decode_attention_cpu(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                       const at::Tensor& cache_seqlens, const at::Tensor& block_keys,
+                                       const at::Tensor& cache_seqlens, const at::Tensor& block_keys_,
                                        int64_t block_size, int64_t topk, int64_t sink_blocks, int64_t local_blocks,
                                        c10::optional<double> scale) {
   const char* op = "sparse_decode_attention";
   const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
   const int64_t G = check_query(op, q_, k_cache, s);
-  check_block_keys(op, block_keys, k_cache, s, block_size);
+  check_block_keys(op, block_keys_, k_cache, s, block_size, /*written=*/false);
   check_budget(op, topk, sink_blocks, local_blocks);
   TORCH_CHECK(k_cache.device().is_cpu(), "pyfast.", op, ": expected k_cache on the CPU, got ", k_cache.device());
   check_seqlens_values(op, cache_seqlens, 1, s.Tmax);
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_cache), v = last_dim_contiguous(v_cache);
+  const at::Tensor block_keys = last_dim_contiguous(block_keys_);
   const CpuAttnArgs a = attn_args(q, k, v, G, scale);
   const std::vector<int64_t> len = lengths_of(cache_seqlens);
 
@@ -281,9 +282,10 @@ void append_kv_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
                    int64_t block_size) {
   const char* op = "append_kv";
   const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
-  check_block_keys(op, block_keys, k_cache, s, block_size);
+  check_block_keys(op, block_keys, k_cache, s, block_size, /*written=*/true);
   TORCH_CHECK(k_cache.device().is_cpu(), "pyfast.", op, ": expected k_cache on the CPU, got ", k_cache.device());
   const int64_t Tn = check_append(op, k_cache, v_cache, s, k_new_, v_new_);
+  check_written(op, {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"block_keys", &block_keys}, {"cache_seqlens", &cache_seqlens}});
   check_seqlens_values(op, cache_seqlens, 0, s.Tmax - Tn);
   const at::Tensor k_new = last_dim_contiguous(k_new_), v_new = last_dim_contiguous(v_new_);
   const std::vector<int64_t> len = lengths_of(cache_seqlens);

@@ -16,6 +16,7 @@ namespace pyfast {
 namespace sparse {
 
 constexpr int64_t kMaxHeadDim = 256;  // largest D of the attention kernels (buckets 64, 128, 256)
+constexpr int64_t kMaxHeadsPerCta = 8;  // query heads per attention CTA (more -> several head chunks)
 
 // Strides of dims 0..2 of a [B, H, T, D] tensor (dim 3 has stride 1).
 struct Strides3 {

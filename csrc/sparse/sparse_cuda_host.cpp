@@ -65,8 +65,11 @@ void append_kv_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
   const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
   check_on_cuda(op, k_cache);
   check_cuda_limits(op, s);
-  check_block_keys(op, block_keys, k_cache, s, block_size);
+  check_block_keys(op, block_keys, k_cache, s, block_size, /*written=*/true);
   const int64_t tn = check_append(op, k_cache, v_cache, s, k_new, v_new);
+  check_written(op, {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"block_keys", &block_keys}, {"cache_seqlens", &cache_seqlens}});
+  TORCH_CHECK(tn * s.D <= (int64_t{1} << 30), "pyfast.", op, ": expected k_new with Tn * D <= 2^30 on CUDA, got Tn = ", tn,
+              ", D = ", s.D);
   const c10::cuda::CUDAGuard device_guard(k_cache.device());
   if (!capturing()) check_seqlens_values(op, cache_seqlens, 0, s.Tmax - tn);
   if (tn == 0) return;
@@ -102,12 +105,18 @@ at::Tensor decode_cuda(const char* op, const at::Tensor& q, const at::Tensor& k_
   check_query(op, q, k_cache, s);
   const bool sparse = block_keys.defined();
   if (sparse) {
-    check_block_keys(op, block_keys, k_cache, s, block_size);
+    check_block_keys(op, block_keys, k_cache, s, block_size, /*written=*/false);
     check_budget(op, topk, sink_blocks, local_blocks);
+    TORCH_CHECK(block_size <= (int64_t{1} << 30), "pyfast.", op, ": expected block_size <= 2^30 on CUDA, got ",
+                block_size);
   }
   check_on_cuda(op, k_cache);
   check_cuda_limits(op, s);
   TORCH_CHECK(s.D <= kMaxHeadDim, "pyfast.", op, ": expected head dim D <= ", kMaxHeadDim, " on CUDA, got ", s.D);
+  // One CTA serves up to kMaxHeadsPerCta query heads of a KV head: grid axis 1 holds Hkv * head chunks.
+  const int64_t head_chunks = (q.size(1) / s.Hkv + kMaxHeadsPerCta - 1) / kMaxHeadsPerCta;
+  TORCH_CHECK(s.Hkv * head_chunks <= 65535, "pyfast.", op, ": expected Hkv * ceil((Hq / Hkv) / ", kMaxHeadsPerCta,
+              ") <= 65535 on CUDA, got Hq = ", q.size(1), ", Hkv = ", s.Hkv);
   const c10::cuda::CUDAGuard device_guard(k_cache.device());
   if (!capturing()) check_seqlens_values(op, cache_seqlens, 1, s.Tmax);
 
@@ -134,9 +143,10 @@ at::Tensor decode_cuda(const char* op, const at::Tensor& q, const at::Tensor& k_
   p.dtype = to_dtype(op, q.scalar_type());
   p.num_sms = sm_count(op, k_cache.device());
   p.sparse = sparse;
+  const at::Tensor bk2 = sparse ? last_dim_contiguous(block_keys) : at::Tensor();
   if (sparse) {
-    p.block_keys = block_keys.numel() > 0 ? block_keys.data_ptr() : nullptr;
-    p.block_keys_stride = strides3(block_keys);
+    p.block_keys = bk2.numel() > 0 ? bk2.data_ptr() : nullptr;
+    p.block_keys_stride = strides3(bk2);
     p.block_size = block_size;
     p.topk = topk;
     p.sink_blocks = sink_blocks;

@@ -52,7 +52,7 @@ namespace dev {
 
 constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / 32;
-constexpr int kMaxHeads = 8;         // query heads per attention CTA (more -> several head chunks)
+constexpr int kMaxHeads = static_cast<int>(kMaxHeadsPerCta);  // query heads per attention CTA
 constexpr int kTileBytes = 8192;     // bytes of one K (or V) tile: 2 stages x (K + V) = 32 KiB smem
 constexpr int kMaxSplits = 64;       // split-K partitions at most
 constexpr int kMergeThreads = 128;

@@ -46,11 +46,13 @@ def append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, *, bloc
 
 
 def block_scores(q: torch.Tensor, block_keys: torch.Tensor) -> torch.Tensor:
-    """score [B, Hkv, NB] (float64) = mean over each group's query heads of q_g . block_keys."""
+    """score [B, Hkv, NB] (float64) = mean over each group's query heads of q_g . block_keys,
+    computed as (mean_g q_g) . block_keys: equal in exact arithmetic, and the form every kernel
+    uses (one dot per block), so infinities and NaN rank the same way everywhere."""
     b, hq, d = q.shape
     hkv = block_keys.shape[1]
-    qg = q.double().reshape(b, hkv, hq // hkv, d)
-    return torch.einsum("bhgd,bhjd->bhj", qg, block_keys.double()) / (hq // hkv)
+    qbar = q.double().reshape(b, hkv, hq // hkv, d).mean(dim=2)
+    return torch.einsum("bhd,bhjd->bhj", qbar, block_keys.double())
 
 
 def kept_token_mask(

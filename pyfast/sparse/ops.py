@@ -29,18 +29,21 @@ def check_cache(op: str, k_cache, v_cache, cache_seqlens) -> tuple[int, int, int
         fail(op, "k_cache", "non-empty [B, Hkv, Tmax, D]", f"shape {list(k_cache.shape)}")
     check_tensor(op, "v_cache", v_cache, dtypes=(k_cache.dtype,), shape=(b, hkv, tmax, d), device=k_cache.device)
     check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(b,), device=k_cache.device)
+    if b > 1 and cache_seqlens.stride(0) != 1:  # kernels index it as a plain int32 array
+        fail(op, "cache_seqlens", "contiguous", f"stride {cache_seqlens.stride()}")
     return b, hkv, tmax, d
 
 
-def check_block_keys(op: str, block_keys, k_cache, block_size: int) -> None:
-    """block_keys [B, Hkv, Tmax // block_size, D] in the cache's dtype, last dim contiguous."""
+def check_block_keys(op: str, block_keys, k_cache, block_size: int, *, written: bool = False) -> None:
+    """block_keys [B, Hkv, Tmax // block_size, D] in the cache's dtype; written in place (append)
+    it needs a unit last stride, read-only it is copied otherwise."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         fail(op, "block_size", "a positive int", block_size)
     b, hkv, tmax, d = k_cache.shape
     check_tensor(op, "block_keys", block_keys, dtypes=(k_cache.dtype,), shape=(b, hkv, tmax // block_size, d),
                  device=k_cache.device)
-    if block_keys.stride(-1) != 1:
-        fail(op, "block_keys", "with stride 1 in its last dim", f"strides {block_keys.stride()}")
+    if written and block_keys.numel() and block_keys.stride(-1) != 1:
+        fail(op, "block_keys", "with stride 1 in its last dim (it is written in place)", f"strides {block_keys.stride()}")
 
 
 def check_query(op: str, q, k_cache) -> None:
@@ -63,12 +66,21 @@ def _host_checks_allowed(t: torch.Tensor) -> bool:
 
 
 def check_seqlens(op: str, cache_seqlens, tmax: int, *, lo: int = 1, hi: int | None = None) -> None:
-    """lo <= cache_seqlens[b] <= hi (default Tmax) for every sequence."""
+    """lo <= cache_seqlens[b] <= hi (default Tmax) for every sequence. One device-to-host read
+    (eager mode only). The C++ ops run the same check themselves; this one serves the Triton and
+    reference implementations."""
     hi = tmax if hi is None else hi
     if cache_seqlens.numel() and _host_checks_allowed(cache_seqlens):
-        mn, mx = int(cache_seqlens.min()), int(cache_seqlens.max())
+        mn, mx = torch.stack(torch.aminmax(cache_seqlens)).tolist()
         if mn < lo or mx > hi:
             fail(op, "cache_seqlens", f"in [{lo}, {hi}]", f"values in [{mn}, {mx}]")
+
+
+def check_written(op: str, **tensors) -> None:
+    """Tensors written in place must not have elements that share memory (e.g. expand() views)."""
+    for name, t in tensors.items():
+        if torch._debug_has_internal_overlap(t) == 1:  # 1 = YES (2 = too hard to tell: allowed)
+            fail(op, name, "without overlapping elements (it is written in place)", f"strides {t.stride()}")
 
 
 def check_budget(op: str, topk: int, sink_blocks: int, local_blocks: int) -> None:
@@ -82,12 +94,24 @@ def check_scale(op: str, scale) -> None:
         fail(op, "scale", "a float or None", type(scale).__name__)
 
 
-def _resolve(op: str, backend: str | None, device: torch.device) -> str:
+def _check_here(chosen: str, cache_seqlens) -> bool:
+    """Whether the public function checks cache_seqlens values itself (a ValueError before any
+    kernel): always on the CPU (free) and for the reference; on GPUs the op checks them once
+    (C++ host code, or the Triton op body) so eager decode pays a single device-to-host read."""
+    return chosen == "reference" or not cache_seqlens.is_cuda
+
+
+CUDA_MAX_HEAD_DIM = 256  # the CUDA C++ kernels' head-dim buckets end here; Triton takes any D
+
+
+def _resolve(op: str, backend: str | None, device: torch.device, head_dim: int) -> str:
     chosen = check_backend(op, backend, device)
+    if chosen == "cuda" and backend is None and _ops.has_triton() and (
+        not _CUDA_KERNELS or head_dim > CUDA_MAX_HEAD_DIM
+    ):
+        return "triton"
     if chosen == "cuda" and not _CUDA_KERNELS:
-        if backend == "cuda" or not _ops.has_triton():
-            fail(op, "backend", "'cuda' only in a build with the CUDA kernels (rebuild with nvcc present)", "a CPU-only build")
-        chosen = "triton"
+        fail(op, "backend", "'cuda' only in a build with the CUDA kernels (rebuild with nvcc present)", "a CPU-only build")
     return chosen
 
 
@@ -107,6 +131,7 @@ def append_kv_triton(
     """Triton implementation of torch.ops.pyfast.append_kv."""
     from pyfast.kernels.sparse import append_kv as launch
 
+    check_seqlens("append_kv", cache_seqlens, k_cache.shape[2], lo=0, hi=k_cache.shape[2] - k_new.shape[2])
     launch(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size)
 
 
@@ -117,6 +142,7 @@ def decode_attention_triton(
     """Triton implementation of torch.ops.pyfast.decode_attention."""
     from pyfast.kernels.sparse import decode_attention as launch
 
+    check_seqlens("decode_attention", cache_seqlens, k_cache.shape[2])
     return launch(q, k_cache, v_cache, cache_seqlens, scale)
 
 
@@ -136,6 +162,7 @@ def sparse_decode_attention_triton(
     """Triton implementation of torch.ops.pyfast.sparse_decode_attention."""
     from pyfast.kernels.sparse import sparse_decode_attention as launch
 
+    check_seqlens("sparse_decode_attention", cache_seqlens, k_cache.shape[2])
     return launch(q, k_cache, v_cache, cache_seqlens, block_keys, block_size, topk, sink_blocks, local_blocks, scale)
 
 
@@ -189,12 +216,14 @@ def append_kv(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             fail(op, name, "with stride 1 in its last dim (it is written in place)", f"strides {t.stride()}")
-    check_block_keys(op, block_keys, k_cache, block_size)
+    check_block_keys(op, block_keys, k_cache, block_size, written=True)
+    check_written(op, k_cache=k_cache, v_cache=v_cache, block_keys=block_keys, cache_seqlens=cache_seqlens)
     check_tensor(op, "k_new", k_new, dtypes=(k_cache.dtype,), shape=(b, hkv, None, d), device=k_cache.device)
     tn = k_new.shape[2]
     check_tensor(op, "v_new", v_new, dtypes=(k_cache.dtype,), shape=(b, hkv, tn, d), device=k_cache.device)
-    check_seqlens(op, cache_seqlens, tmax, lo=0, hi=tmax - tn)
-    chosen = _resolve(op, backend, k_cache.device)
+    chosen = _resolve(op, backend, k_cache.device, d)
+    if _check_here(chosen, cache_seqlens):
+        check_seqlens(op, cache_seqlens, tmax, lo=0, hi=tmax - tn)
     if chosen == "reference":
         reference.append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size=block_size)
     elif chosen == "triton":
@@ -227,8 +256,9 @@ def decode_attention(
     _, _, tmax, _ = check_cache(op, k_cache, v_cache, cache_seqlens)
     check_query(op, q, k_cache)
     check_scale(op, scale)
-    check_seqlens(op, cache_seqlens, tmax)
-    chosen = _resolve(op, backend, q.device)
+    chosen = _resolve(op, backend, q.device, q.shape[-1])
+    if _check_here(chosen, cache_seqlens):
+        check_seqlens(op, cache_seqlens, tmax)
     if chosen == "reference":
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
     fn = torch.ops.pyfast.decode_attention_triton if chosen == "triton" else torch.ops.pyfast.decode_attention
@@ -270,9 +300,10 @@ def sparse_decode_attention(
     check_block_keys(op, block_keys, k_cache, block_size)
     check_budget(op, topk, sink_blocks, local_blocks)
     check_scale(op, scale)
-    check_seqlens(op, cache_seqlens, tmax)
-    chosen = _resolve(op, backend, q.device)
+    chosen = _resolve(op, backend, q.device, q.shape[-1])
     opts = dict(block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    if _check_here(chosen, cache_seqlens):
+        check_seqlens(op, cache_seqlens, tmax)
     if chosen == "reference":
         return reference.sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, scale=scale, **opts)
     fn = (

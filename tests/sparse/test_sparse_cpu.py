@@ -75,9 +75,12 @@ def test_nan_in_query_gives_nan():
     out = pyfast.decode_attention(q, k, v, n)
     assert torch.isnan(out[0, 1]).all() and not torch.isnan(out[0, 0]).any()
     # The group's mean query is NaN, so every block score is: the selection falls back to the lowest
-    # blocks (NaN ties), head 0 still gets a finite answer, head 1 NaN, exactly as the reference.
-    out = pyfast.sparse_decode_attention(q, k, v, n, bk, topk=1)
-    assert_close(out, ref.sparse_decode_attention(q, k, v, n, bk, topk=1), 1e-5)
+    # candidate (NaN ties go low), head 0 still gets a finite answer, head 1 NaN, as the reference.
+    opts = dict(topk=1, sink_blocks=1, local_blocks=0)  # candidates: blocks 1, 2, 3
+    out = pyfast.sparse_decode_attention(q, k, v, n, bk, **opts)
+    assert_close(out, ref.sparse_decode_attention(q, k, v, n, bk, **opts), 1e-5)
+    mask = ref.kept_token_mask(q, bk, n, 64, **opts)[0, 0]
+    assert mask[:32].all() and not mask[32:].any()
     assert torch.isnan(out[0, 1]).all() and not torch.isnan(out[0, 0]).any()
 
 

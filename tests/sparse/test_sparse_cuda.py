@@ -33,13 +33,20 @@ def _block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     return k[:, :, : nb * block_size].double().reshape(b, h, nb, block_size, d).mean(3).to(k.dtype)
 
 
-def _problem(b, hq, hkv, tmax, d, dtype, lengths, block_size=16, seed=0):
-    """CPU tensors q, k, v, seqlens, block_keys (block keys = the block means append_kv keeps)."""
+def _problem(b, hq, hkv, tmax, d, dtype, lengths, block_size=16, seed=0, poison=True):
+    """CPU tensors q, k, v, seqlens, block_keys (block keys = the block means append_kv keeps).
+    With `poison`, tokens and block keys past each length are NaN: a kernel that reads them fails."""
     k = _randn(b, hkv, tmax, d, dtype=dtype, seed=seed)
     v = _randn(b, hkv, tmax, d, dtype=dtype, seed=seed + 1)
     q = _randn(b, hq, d, dtype=dtype, seed=seed + 2)
     n = torch.tensor(lengths, dtype=torch.int32)
-    return q, k, v, n, _block_means(k, block_size)
+    bk = _block_means(k, block_size)
+    if poison:
+        for i, length in enumerate(lengths):
+            k[i, :, length:] = float("nan")
+            v[i, :, length:] = float("nan")
+            bk[i, :, length // block_size :] = float("nan")
+    return q, k, v, n, bk
 
 
 def _cuda(*ts):
@@ -258,7 +265,7 @@ def test_append_overflow_is_rejected_without_writing():
 # opcheck, CUDA graphs
 # ---------------------------------------------------------------------------------------------
 def test_opcheck():
-    q, k, v, n, bk = _cuda(*_problem(2, 6, 2, 256, 64, torch.float16, [200, 33], seed=23))
+    q, k, v, n, bk = _cuda(*_problem(2, 6, 2, 256, 64, torch.float16, [200, 33], seed=23, poison=False))
     torch.library.opcheck(torch.ops.pyfast.decode_attention.default, (q, k, v, n, None))
     torch.library.opcheck(torch.ops.pyfast.decode_attention.default, (q, k, v, n, 0.5))
     torch.library.opcheck(torch.ops.pyfast.sparse_decode_attention.default, (q, k, v, n, bk, 16, 2, 1, 1, None))
@@ -297,7 +304,7 @@ def test_cuda_graph_replay_matches_eager():
     # append_kv + sparse_decode_attention + decode_attention captured once, replayed with new
     # q / k_new / v_new: every replay equals the eager step on a copy of the state.
     dtype = torch.float16
-    q, k, v, n, bk = _cuda(*_problem(2, 8, 2, 256, 64, dtype, [40, 100], seed=29))
+    q, k, v, n, bk = _cuda(*_problem(2, 8, 2, 256, 64, dtype, [40, 100], seed=29, poison=False))
     k_new = torch.randn(2, 2, 1, 64, dtype=dtype, device="cuda")
     v_new = torch.randn_like(k_new)
     state = [k, v, bk, n]
@@ -320,7 +327,7 @@ def test_cuda_graph_append_past_tmax_leaves_the_sequence_untouched():
     # Under capture the host cannot read cache_seqlens; the kernels skip a sequence that would
     # pass Tmax (the first replay fills sequence 0 to Tmax, the second must not touch it).
     dtype = torch.bfloat16
-    q, k, v, n, bk = _cuda(*_problem(2, 4, 2, 64, 64, dtype, [63, 10], seed=31))
+    q, k, v, n, bk = _cuda(*_problem(2, 4, 2, 64, 64, dtype, [63, 10], seed=31, poison=False))
     k_new = torch.randn(2, 2, 1, 64, dtype=dtype, device="cuda")
     v_new = torch.randn_like(k_new)
     state = [k, v, bk, n]

@@ -28,13 +28,14 @@ def _attention_calls(q, k, v, n, bk, **kw):
     "case, match",
     [
         ("hq_not_multiple", "Hq"),
-        ("head_dim", "q"),
-        ("q_dtype", "q"),
+        ("head_dim", r"expected q\b"),
+        ("q_dtype", r"expected q\b"),
         ("v_shape", "v_cache"),
         ("seqlens_dtype", "cache_seqlens"),
         ("seqlens_zero", "cache_seqlens"),
         ("seqlens_too_long", "cache_seqlens"),
         ("cache_3d", "k_cache"),
+        ("seqlens_strided", "cache_seqlens"),
         ("cache_int", "k_cache"),
     ],
 )
@@ -55,6 +56,8 @@ def test_attention_bad_input(cache, case, match):
         n = torch.tensor([0, 5], dtype=torch.int32)
     elif case == "seqlens_too_long":
         n = torch.tensor([TMAX + 1, 5], dtype=torch.int32)
+    elif case == "seqlens_strided":
+        n = torch.tensor([[40, 0], [9, 0]], dtype=torch.int32)[:, 0]
     elif case == "cache_3d":
         k = k[0]
     elif case == "cache_int":
@@ -95,6 +98,8 @@ def test_sparse_bad_options(cache, kw, match):
         ("new_shape", "v_new"),
         ("block_keys", "block_keys"),
         ("negative_len", "cache_seqlens"),
+        ("expanded_seqlens", "cache_seqlens"),
+        ("expanded_cache", "v_cache"),
     ],
 )
 def test_append_bad_input_writes_nothing(cache, op, case, match):
@@ -110,6 +115,10 @@ def test_append_bad_input_writes_nothing(cache, op, case, match):
         bk = bk[..., :-1]
     elif case == "negative_len":
         n = torch.tensor([-1, 3], dtype=torch.int32)
+    elif case == "expanded_seqlens":  # one element seen twice: would be advanced twice
+        n = torch.tensor([1], dtype=torch.int32).expand(B)
+    elif case == "expanded_cache":
+        v = v[:1].expand(B, -1, -1, -1)
     before = [t.clone() for t in (k, v, bk, n)]
     with pytest.raises((ValueError, RuntimeError), match=match):
         if op == "public":
