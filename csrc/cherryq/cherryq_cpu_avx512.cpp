@@ -12,6 +12,10 @@ void gemv_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t n1) { gemv_row
 void gemm_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel) { gemm_rows_scalar(a, n0, rows, panel); }
 }  // namespace pyfast::cherryq
 #else
+// GCC 12's AVX-512 headers build "undefined" vectors as `__m512 __Y = __Y;` and warn about it at
+// every inlined use (GCC bug 105593, fixed in 13): silence that for this unit only.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #pragma GCC push_options
