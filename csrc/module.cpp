@@ -21,6 +21,7 @@ bool& poison_outputs() {
 }  // namespace pyfast
 
 static std::string cpu_isa() {
+  if (pyfast::cpu_has_avx512_vnni()) return "avx512_vnni";
   if (pyfast::cpu_has_avx512()) return "avx512";
   if (pyfast::cpu_has_avx2()) return "avx2";
   return "scalar";
@@ -31,12 +32,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_poison_outputs", [](bool on) { pyfast::poison_outputs() = on; },
         "Fill every op output with NaN before the kernel writes it (for tests).");
   m.def("set_cpu_isa", [](const std::string& isa) {
-        TORCH_CHECK(isa == "auto" || isa == "scalar" || isa == "avx512",
-                    "pyfast.set_cpu_isa: expected isa 'auto', 'scalar' or 'avx512', got '", isa, "'");
-        TORCH_CHECK(isa != "avx512" || pyfast::cpu_has_avx512(), "pyfast.set_cpu_isa: this CPU has no AVX-512");
-        pyfast::cpu_force_scalar() = isa == "scalar";
+        using namespace pyfast;
+        int cap = kIsaAvx512Vnni;  // "auto": the best this CPU runs
+        if (isa == "scalar") cap = kIsaScalar;
+        else if (isa == "avx512") cap = kIsaAvx512;
+        else TORCH_CHECK(isa == "auto" || isa == "avx512_vnni",
+                         "pyfast.set_cpu_isa: expected isa 'auto', 'scalar', 'avx512' or 'avx512_vnni', got '", isa, "'");
+        TORCH_CHECK(isa != "avx512" || cpu_has_avx512(), "pyfast.set_cpu_isa: this CPU has no AVX-512");
+        TORCH_CHECK(isa != "avx512_vnni" || cpu_has_avx512_vnni(), "pyfast.set_cpu_isa: this CPU has no AVX-512 VNNI/VBMI");
+        cpu_isa_cap() = cap;
       },
-      "Pick the CPU kernels: 'auto' (the best this CPU runs), 'scalar' (portable) or 'avx512' (for tests).");
+      "Cap the CPU kernels: 'auto' (the best this CPU runs), 'scalar' (portable), 'avx512' (no VNNI), "
+      "'avx512_vnni' (for tests).");
   m.def("build_info", []() {
     pybind11::dict info;
     info["version"] = PYFAST_VERSION;

@@ -19,11 +19,18 @@ struct CpuMatmulArgs {
   int64_t ldy;
   int64_t M, N, K, C;
   int bits, group_size;
+  // VNNI path only: x[m, k] ~= xstep[m, g] * (d0 + 256 d1 + 65536 d2), the three int8 planes of
+  // xdig [3, M, K] (balanced base-256 digits of a 23-bit fixed-point x, per group: see the host).
+  const int8_t* xdig;
+  const float* xstep;  // [M, G]
 };
 
 // Rows [n0, n1) of the output for every x row (GEMV path).
 void gemv_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t n1);
 void gemv_rows_scalar(const CpuMatmulArgs& a, int64_t n0, int64_t n1);
+// GEMV with AVX-512 VNNI int8 dot products of the raw codes against x's digit planes (exact to
+// ~2^-23 of each group's max |x|); needs group_size % 64 == 0.
+void gemv_rows_vnni(const CpuMatmulArgs& a, int64_t n0, int64_t n1);
 // Output columns [n0, n0+rows) for every x row via a dequantized fp32 panel [rows, K] (GEMM path).
 void gemm_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel);
 void gemm_rows_scalar(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel);

@@ -14,6 +14,16 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool ok =
+      cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -22,9 +32,9 @@ bool cpu_has_avx2() {
 #endif
 }
 
-bool& cpu_force_scalar() {
-  static bool force = false;
-  return force;
+int& cpu_isa_cap() {
+  static int cap = kIsaAvx512Vnni;
+  return cap;
 }
 
 }  // namespace pyfast

@@ -6,10 +6,16 @@
 
 namespace pyfast {
 
-bool cpu_has_avx512();     // AVX-512 F/BW/VL/DQ + FMA + F16C: the *_avx512.cpp kernels
+bool cpu_has_avx512();       // AVX-512 F/BW/VL/DQ + FMA + F16C: the *_avx512.cpp kernels
+bool cpu_has_avx512_vnni();  // ... + VNNI (int8 dot products) + VBMI (byte shuffles): *_vnni.cpp
 bool cpu_has_avx2();
-bool& cpu_force_scalar();  // set from Python (pyfast._C.set_cpu_isa) so tests reach every path
-inline bool cpu_use_avx512() { return cpu_has_avx512() && !cpu_force_scalar(); }
+
+// The best kernel level the dispatchers may pick: 0 portable, 1 AVX-512, 2 AVX-512 + VNNI.
+// Set from Python (pyfast._C.set_cpu_isa) so that tests reach every path on one machine.
+enum CpuIsaLevel : int { kIsaScalar = 0, kIsaAvx512 = 1, kIsaAvx512Vnni = 2 };
+int& cpu_isa_cap();
+inline bool cpu_use_avx512() { return cpu_isa_cap() >= kIsaAvx512 && cpu_has_avx512(); }
+inline bool cpu_use_avx512_vnni() { return cpu_isa_cap() >= kIsaAvx512Vnni && cpu_has_avx512_vnni(); }
 
 // IEEE binary16 bits -> float (normals, subnormals, inf, NaN).
 inline float half_bits_to_float(uint16_t h) {

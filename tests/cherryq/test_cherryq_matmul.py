@@ -37,24 +37,32 @@ def test_cpu_other_group_sizes(group_size, m):
     assert_close(pyfast.cherryq_matmul(x, qw, backend="cpu"), ref_matmul(x, qw), 1e-5)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx512", "avx512_vnni"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("m", [1, 6, 10])
-def test_cpu_isa_paths(isa, bits, m):
+@pytest.mark.parametrize("m", [1, 2, 6, 10])
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+def test_cpu_isa_paths(isa, bits, m, group_size):
     """Every CPU code path, whatever this machine picks by default (the portable one runs on
     CPUs without AVX-512)."""
     from pyfast import _C
 
-    if isa == "avx512" and pyfast.build_info()["cpu_isa"] != "avx512":
-        pytest.skip("CPU without AVX-512")
-    qw = make(21, 192, bits, 64)
-    x, bias = torch.randn(m, 192), torch.randn(21)
+    have = pyfast.build_info()["cpu_isa"]
+    if isa == "avx512" and not have.startswith("avx512") or isa == "avx512_vnni" and have != "avx512_vnni":
+        pytest.skip(f"CPU without {isa}")
+    k = 3 * group_size
+    qw = make(21, k, bits, group_size, cherries=2)
+    x, bias = torch.randn(m, k) * torch.logspace(-3, 3, k), torch.randn(21)  # wide dynamic range in x
+    x[0, 5] = 0.0
     _C.set_cpu_isa(isa)
     try:
         out = pyfast.cherryq_matmul(x, qw, bias, backend="cpu")
+        x_nan = x.clone()
+        x_nan[-1, 7] = float("nan")  # NaN in a row: NaN out in that row only (VNNI falls back)
+        out_nan = pyfast.cherryq_matmul(x_nan, qw, bias, backend="cpu")
     finally:
         _C.set_cpu_isa("auto")
     assert_close(out, ref_matmul(x, qw, bias), 1e-5)
+    assert torch.isnan(out_nan[-1]).all() and not torch.isnan(out_nan[:-1]).any()
 
 
 @pytest.mark.parametrize("cherries", [0, 1, 5])
