@@ -19,10 +19,28 @@ GEMV_MAX_ROWS = 8  # above this many rows of x, CUDA devices use the Triton tens
 _CUDA_KERNELS = _ops.has_cuda_kernels()
 
 
+def _signature(qw: CherryQWeight) -> tuple:
+    return (qw.bits, qw.group_size, *((t.dtype, t.shape, t.device) for t in qw.tensors()))
+
+
 def check_weight(op: str, qw) -> None:
-    """A CherryQWeight whose five tensors agree with each other (see pyfast.cherryq.format)."""
+    """A CherryQWeight whose five tensors agree with each other (see pyfast.cherryq.format).
+    A weight that passed keeps the signature (dtypes, shapes, devices, bits, group size) it
+    passed with, so a decode loop pays a tuple compare per call instead of the full check; any
+    change to a tensor's dtype, shape or device (or a replaced tensor) checks it again."""
     if not isinstance(qw, CherryQWeight):
         fail(op, "qweight", "a CherryQWeight (from pyfast.cherryq_quantize)", type(qw).__name__)
+    if torch.compiler.is_compiling():  # traced once per graph: check in full, keep no state
+        _check_weight_fields(op, qw)
+        return
+    signature = _signature(qw)
+    if qw.__dict__.get("_checked") == signature:
+        return
+    _check_weight_fields(op, qw)
+    qw.__dict__["_checked"] = signature
+
+
+def _check_weight_fields(op: str, qw: CherryQWeight) -> None:
     if qw.bits not in SUPPORTED_BITS:
         fail(op, "qw.bits", f"one of {SUPPORTED_BITS}", qw.bits)
     if qw.group_size not in SUPPORTED_GROUP_SIZES:

@@ -181,3 +181,13 @@ def _replace(qw, **kw):
     import dataclasses
 
     return dataclasses.replace(qw, **kw)
+
+
+def test_weight_checked_again_after_a_tensor_changes():
+    """check_weight remembers a weight that passed; replacing one of its tensors re-checks it."""
+    qw = make(16, 256, 3, 128)
+    x = torch.randn(1, 256)
+    pyfast.cherryq_matmul(x, qw)  # passes and is remembered
+    qw.zeros = qw.zeros[:, :1]
+    with pytest.raises(ValueError, match="qw.zeros"):
+        pyfast.cherryq_matmul(x, qw)
