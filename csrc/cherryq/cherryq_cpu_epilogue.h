@@ -6,13 +6,16 @@
 // x[m, k] * (cherry - zero). Out-of-range indices are skipped (never read). Then bias, store.
 template <int MB, class HalfFn>
 inline void add_cherries_and_store(const CpuMatmulArgs& a, int64_t n, int m0, float* out, HalfFn half) {
-  const int64_t G = a.K / a.group_size;
+  // group_size is a power of two: shift instead of a 64-bit division per cherry (~1/6 of a
+  // GEMV row's time at 16 cherries per row when it was a division).
+  const int shift = __builtin_ctz(static_cast<unsigned>(a.group_size));
+  const int64_t G = a.K >> shift;
   const int32_t* crow = a.cherry_idx + n * a.C;
   const uint16_t* vrow = a.cherry_val + n * a.C;
   for (int64_t c = 0; c < a.C; ++c) {
     const int64_t k = crow[c];
     if (k < 0 || k >= a.K) continue;
-    const float delta = half(vrow[c]) - half(a.zeros[n * G + k / a.group_size]);
+    const float delta = half(vrow[c]) - half(a.zeros[n * G + (k >> shift)]);
     for (int m = 0; m < MB; ++m) out[m] += a.x[(m0 + m) * a.ldx + k] * delta;
   }
   const float b = a.bias ? a.bias[n] : 0.f;
