@@ -209,7 +209,8 @@ def append_kv(
         >>> k = torch.zeros(1, 2, 64, 8); v = torch.zeros_like(k); bk = torch.zeros(1, 2, 4, 8)
         >>> n = torch.zeros(1, dtype=torch.int32)
         >>> pyfast.append_kv(k, v, bk, n, torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8))
-        >>> n  # tensor([20]); bk[:, :, 0] is the mean of the first 16 keys
+        >>> n                                       # bk[:, :, 0] is now the mean of the first 16 keys
+        tensor([20], dtype=torch.int32)
     """
     op = "append_kv"
     b, hkv, tmax, d = check_cache(op, k_cache, v_cache, cache_seqlens)
@@ -289,10 +290,17 @@ def sparse_decode_attention(
     With topk >= the number of blocks this equals decode_attention.
 
     Example (the result is dense attention under the kept-token mask):
+        >>> import torch, pyfast
         >>> from pyfast.reference.sparse import kept_token_mask, masked_decode_attention
-        >>> o = pyfast.sparse_decode_attention(q, k, v, n, bk, topk=4)
-        >>> mask = kept_token_mask(q, bk, n, k.shape[2], topk=4)           # bool [B, Hkv, Tmax]
+        >>> k, v = torch.zeros(2, 2, 512, 64), torch.zeros(2, 2, 512, 64)
+        >>> bk, n = torch.zeros(2, 2, 32, 64), torch.zeros(2, dtype=torch.int32)
+        >>> pyfast.append_kv(k, v, bk, n, torch.randn(2, 2, 400, 64), torch.randn(2, 2, 400, 64))
+        >>> q = torch.randn(2, 8, 64)                                        # GQA: 4 query heads per KV head
+        >>> o = pyfast.sparse_decode_attention(q, k, v, n, bk, topk=4)       # 10 of 25 blocks + tail
+        >>> mask = kept_token_mask(q, bk, n, 512, topk=4)                    # bool [B, Hkv, Tmax]
         >>> torch.testing.assert_close(o, masked_decode_attention(q, k, v, mask))
+        >>> bool((o - pyfast.decode_attention(q, k, v, n)).abs().max() > 1e-3)  # not dense attention
+        True
     """
     op = "sparse_decode_attention"
     _, _, tmax, _ = check_cache(op, k_cache, v_cache, cache_seqlens)

@@ -43,3 +43,16 @@ def test_append_builds_block_means():
     k, v, bk, n = make_cache(1, 2, 33, 5, torch.float64, lengths=[33], block_size=8)
     assert torch.allclose(bk[0, :, 3], k[0, :, 24:32].mean(1))
     assert bk.shape[2] == 4
+
+
+def test_docstring_examples_run():
+    """The examples in the public docstrings are executed (sparse == dense under the kept mask)."""
+    import doctest
+
+    import pyfast
+    import pyfast.sparse.ops as ops
+
+    for fn in (ops.sparse_decode_attention, ops.decode_attention, ops.append_kv):
+        test = doctest.DocTestParser().get_doctest(fn.__doc__, {"torch": torch, "pyfast": pyfast}, fn.__name__, None, 0)
+        result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test)
+        assert result.failed == 0 and result.attempted > 0, fn.__name__
