@@ -49,42 +49,6 @@ std::vector<float> group_sums(const float* x, int64_t ldx, int64_t M, int64_t K,
   return out;
 }
 
-// x as the VNNI kernel wants it: per row m and group g, step = max|x| / 2^22 and
-// x ~= step * (d0 + 256 d1 + 65536 d2) with balanced digits d in [-128, 127] (|d2| <= 65), i.e.
-// x rounded to 23 bits relative to its group's largest entry (error <= 2^-23 of it; exact for
-// the fp16/bf16 activations of most models). Returns false when x has a non-finite entry: the
-// fp32 kernel then keeps NaN/inf semantics exact.
-bool split_x_digits(const float* x, int64_t M, int64_t K, int64_t gs, std::vector<int8_t>& dig,
-                    std::vector<float>& step) {
-  const int64_t G = K / gs;
-  dig.assign(3 * M * K, 0);
-  step.assign(M * G, 0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* xg = x + m * K + g * gs;
-      float mx = 0.f;
-      for (int64_t k = 0; k < gs; ++k) {
-        if (!std::isfinite(xg[k])) return false;
-        mx = std::max(mx, std::fabs(xg[k]));
-      }
-      if (mx == 0.f) continue;  // digits 0
-      constexpr double kUnits = 4194304.0;  // 2^22
-      const double inv = kUnits / mx;
-      step[m * G + g] = static_cast<float>(mx / kUnits);
-      for (int64_t k = 0; k < gs; ++k) {
-        const int64_t xi = std::llrint(xg[k] * inv);  // |xi| <= 2^22
-        const int64_t d0 = ((xi + 128) & 255) - 128, r = (xi - d0) / 256;
-        const int64_t d1 = ((r + 128) & 255) - 128, d2 = (r - d1) / 256;
-        const int64_t i = m * K + g * gs + k;
-        dig[i] = static_cast<int8_t>(d0);
-        dig[M * K + i] = static_cast<int8_t>(d1);
-        dig[2 * M * K + i] = static_cast<int8_t>(d2);
-      }
-    }
-  }
-  return true;
-}
-
 at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                               const at::Tensor& zeros, const at::Tensor& cherry_idx, const at::Tensor& cherry_val,
                               const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size) {
@@ -117,8 +81,12 @@ at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, co
   const bool avx512 = cpu_use_avx512();
   std::vector<int8_t> xdig;
   std::vector<float> xstep;
-  const bool vnni = M <= kVnniMaxRows && group_size % 64 == 0 && cpu_use_avx512_vnni() &&
-                    split_x_digits(a.x, M, K, group_size, xdig, xstep);
+  bool vnni = M <= kVnniMaxRows && group_size % 64 == 0 && cpu_use_avx512_vnni();
+  if (vnni) {
+    xdig.resize(3 * M * K);
+    xstep.resize(M * (K / group_size));
+    vnni = split_x_digits(a.x, M, K, group_size, xdig.data(), xstep.data());
+  }
   a.xdig = xdig.data();
   a.xstep = xstep.data();
   if (M <= kGemvMaxRows) {

@@ -31,6 +31,11 @@ void gemv_rows_scalar(const CpuMatmulArgs& a, int64_t n0, int64_t n1);
 // GEMV with AVX-512 VNNI int8 dot products of the raw codes against x's digit planes (exact to
 // ~2^-23 of each group's max |x|); needs group_size % 64 == 0.
 void gemv_rows_vnni(const CpuMatmulArgs& a, int64_t n0, int64_t n1);
+// x [M, K] (fp32, contiguous) -> xdig [3, M, K] and xstep [M, K / gs] for gemv_rows_vnni: per row
+// and group, x ~= step * (d0 + 256 d1 + 65536 d2), step = max|x| / 2^22, balanced digits in
+// [-128, 127] (x rounded to 2^-23 of its group's largest entry). False when x has a non-finite
+// entry (the fp32 kernel then keeps NaN/inf semantics exact). Needs gs % 16 == 0.
+bool split_x_digits(const float* x, int64_t M, int64_t K, int64_t gs, int8_t* xdig, float* xstep);
 // Output columns [n0, n0+rows) for every x row via a dequantized fp32 panel [rows, K] (GEMM path).
 void gemm_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel);
 void gemm_rows_scalar(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* panel);

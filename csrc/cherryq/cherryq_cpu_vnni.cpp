@@ -17,6 +17,7 @@
 #if !(defined(__x86_64__) || defined(_M_X64))
 namespace pyfast::cherryq {
 void gemv_rows_vnni(const CpuMatmulArgs& a, int64_t n0, int64_t n1) { gemv_rows_scalar(a, n0, n1); }
+bool split_x_digits(const float*, int64_t, int64_t, int64_t, int8_t*, float*) { return false; }
 }  // namespace pyfast::cherryq
 #else
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own "undefined vector" idiom (bug 105593).
@@ -167,6 +168,43 @@ void gemv_rows_bits(const CpuMatmulArgs& a, int64_t n0, int64_t n1) {
 }
 
 }  // namespace
+
+bool split_x_digits(const float* x, int64_t M, int64_t K, int64_t gs, int8_t* dig, float* step) {
+  const int64_t G = K / gs;
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  const __m512i half_base = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + m * K + g * gs;
+      __m512 mx = _mm512_setzero_ps();
+      __mmask16 bad = 0;
+      for (int64_t k = 0; k < gs; k += 16) {
+        const __m512 ax = _mm512_and_ps(_mm512_loadu_ps(xg + k), abs_mask);
+        bad |= _mm512_cmp_ps_mask(ax, inf, _CMP_NLT_UQ);  // |x| >= inf, or NaN
+        mx = _mm512_max_ps(mx, ax);
+      }
+      if (bad) return false;
+      const float gmax = _mm512_reduce_max_ps(mx);
+      step[m * G + g] = gmax / 4194304.0f;  // 2^22 units per group max
+      const __m512 inv = _mm512_set1_ps(gmax > 0.f ? 4194304.0f / gmax : 0.f);
+      for (int64_t k = 0; k < gs; k += 16) {
+        // x * 2^22 / max rounded to the nearest integer (|xi| <= 2^22), then balanced digits:
+        // d0 = ((xi + 128) & 255) - 128, r = (xi - d0) / 256 (exact), d1 likewise, d2 = rest.
+        const __m512i xi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), inv));
+        const __m512i d0 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(xi, half_base), byte), half_base);
+        const __m512i r = _mm512_srai_epi32(_mm512_sub_epi32(xi, d0), 8);
+        const __m512i d1 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(r, half_base), byte), half_base);
+        const __m512i d2 = _mm512_srai_epi32(_mm512_sub_epi32(r, d1), 8);
+        const int64_t i = m * K + g * gs + k;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dig + i), _mm512_cvtepi32_epi8(d0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dig + M * K + i), _mm512_cvtepi32_epi8(d1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dig + 2 * M * K + i), _mm512_cvtepi32_epi8(d2));
+      }
+    }
+  }
+  return true;
+}
 
 void gemv_rows_vnni(const CpuMatmulArgs& a, int64_t n0, int64_t n1) {
   switch (a.bits) {
