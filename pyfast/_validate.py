@@ -48,6 +48,13 @@ def check_tensor(
     return t
 
 
+def check_int(op: str, arg: str, value, *, minimum: int) -> None:
+    """A plain int (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        fail(op, arg, what, repr(value))
+
+
 def check_choice(op: str, arg: str, value, choices: Sequence) -> None:
     if value not in choices:
         fail(op, arg, f"one of {tuple(choices)}", value)

@@ -21,20 +21,12 @@ void gemm_rows_avx512(const CpuMatmulArgs& a, int64_t n0, int64_t rows, float* p
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 
+#include "common/cpu_vec16_avx512.h"
+
 namespace pyfast::cherryq {
 namespace {
 
-struct Isa {
-  using V = __m512;
-  static inline V zero() { return _mm512_setzero_ps(); }
-  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static inline V set1(float f) { return _mm512_set1_ps(f); }
-  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline float reduce(V v) { return _mm512_reduce_add_ps(v); }
-  static inline float half(uint16_t h) { return _cvtsh_ss(h); }
-
+struct Isa : Vec16 {
   // One pack of 32 codes (BITS int32 words) -> two vectors of 1 + code * 2^-BITS (codes 0..15,
   // 16..31). Each code is rotated into the top mantissa bits of 1.0f and OR'd with 1.0f's bits
   // (one vprold + one vpternlogd), which replaces mask + int->float conversion.

@@ -3,8 +3,9 @@
 // an `Isa` struct is defined, so every inline function here is compiled once per ISA and
 // never shared across units (no ODR mixing of AVX-512 and baseline code).
 //
-// The Isa struct provides: V (16 fp32 lanes), zero(), load(p), store(p, v), set1(f), add(a, b), fma(a, b, c),
-// reduce(v), half(u16) -> float, and decode<BITS>(words, c0, c1) which turns one pack of 32
+// The Isa struct derives from Vec16 (common/cpu_vec16_*.h: V = 16 fp32 lanes, zero, loadf,
+// storef, set1, add, fma, reduce_add, half(u16) -> float, ...) and adds
+// decode<BITS>(words, c0, c1), which turns one pack of 32
 // codes (layout in pyfast/cherryq/format.py) into two V's of "biased" floats c = 1 + code * 2^-BITS
 // (codes 0..15, 16..31). The bias makes decoding cheap (bits OR'd into 1.0f) and is folded
 // into the per-group constants: scale * code + zero = (scale * 2^BITS) * c + (zero - scale * 2^BITS).
@@ -29,8 +30,8 @@ struct Kernel {
     typename Isa::V c0, c1;
     Isa::template decode<BITS>(pw, c0, c1);
     for (int m = 0; m < MB; ++m) {
-      acc[m][J] = Isa::fma(c0, Isa::load(xrow[m] + col), acc[m][J]);
-      acc[m][J + 1] = Isa::fma(c1, Isa::load(xrow[m] + col + 16), acc[m][J + 1]);
+      acc[m][J] = Isa::fma(c0, Isa::loadf(xrow[m] + col), acc[m][J]);
+      acc[m][J + 1] = Isa::fma(c1, Isa::loadf(xrow[m] + col + 16), acc[m][J + 1]);
     }
   }
 
@@ -76,7 +77,7 @@ struct Kernel {
       }
     }
     float out[MB];
-    for (int m = 0; m < MB; ++m) out[m] = Isa::reduce(tot[m]) + ztot[m];
+    for (int m = 0; m < MB; ++m) out[m] = Isa::reduce_add(tot[m]) + ztot[m];
     add_cherries_and_store<MB>(a, n, m0, out, Isa::half);
   }
 
@@ -121,8 +122,8 @@ struct Kernel {
           typename Isa::V c0, c1;
           Isa::template decode<BITS>(pw, c0, c1);
           float* o = orow + g * a.group_size + p * 32;
-          Isa::store(o, Isa::fma(c0, s, z));
-          Isa::store(o + 16, Isa::fma(c1, s, z));
+          Isa::storef(o, Isa::fma(c0, s, z));
+          Isa::storef(o + 16, Isa::fma(c1, s, z));
         }
       }
       for (int64_t c = 0; c < a.C; ++c) {
@@ -142,14 +143,14 @@ struct Kernel {
       for (int j = 0; j < NB; ++j) acc[i][j] = Isa::zero();
     for (int64_t k = 0; k < K; k += 16) {
       typename Isa::V wv[NB];
-      for (int j = 0; j < NB; ++j) wv[j] = Isa::load(w + j * K + k);
+      for (int j = 0; j < NB; ++j) wv[j] = Isa::loadf(w + j * K + k);
       for (int i = 0; i < MB; ++i) {
-        const typename Isa::V xv = Isa::load(x + i * ldx + k);
+        const typename Isa::V xv = Isa::loadf(x + i * ldx + k);
         for (int j = 0; j < NB; ++j) acc[i][j] = Isa::fma(xv, wv[j], acc[i][j]);
       }
     }
     for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) out[i * ldy + j] = Isa::reduce(acc[i][j]) + (bias ? bias[j] : 0.f);
+      for (int j = 0; j < NB; ++j) out[i * ldy + j] = Isa::reduce_add(acc[i][j]) + (bias ? bias[j] : 0.f);
   }
 
   template <int MB>

@@ -4,29 +4,12 @@
 #include <cstring>
 
 #include "cherryq/cherryq_cpu.h"
-#include "common/cpu_isa.h"
+#include "common/cpu_vec16_scalar.h"
 
 namespace pyfast::cherryq {
 namespace {
 
-struct Isa {
-  struct V {
-    float v[16];
-  };
-  static inline V zero() { V r; for (int i = 0; i < 16; ++i) r.v[i] = 0.f; return r; }
-  static inline V load(const float* p) { V r; for (int i = 0; i < 16; ++i) r.v[i] = p[i]; return r; }
-  static inline void store(float* p, const V& a) { for (int i = 0; i < 16; ++i) p[i] = a.v[i]; }
-  static inline V set1(float f) { V r; for (int i = 0; i < 16; ++i) r.v[i] = f; return r; }
-  static inline V add(const V& a, const V& b) { V r; for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
-  static inline V fma(const V& a, const V& b, const V& c) {
-    V r;
-    for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
-    return r;
-  }
-  static inline float reduce(const V& a) { float s = 0.f; for (int i = 0; i < 16; ++i) s += a.v[i]; return s; }
-
-  static inline float half(uint16_t h) { return half_bits_to_float(h); }
-
+struct Isa : Vec16 {
   template <int BITS>
   static inline void decode(const int32_t* w, V& c0, V& c1) {
     const uint32_t* u = reinterpret_cast<const uint32_t*>(w);

@@ -23,22 +23,12 @@ void block_scores_avx512(const float* qbar, const void* keys, int64_t ld, Elem e
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 
+#include "common/cpu_vec16_avx512.h"
+
 namespace pyfast::sparse {
 namespace {
 
-struct Isa {
-  using V = __m512;
-  static inline V zero() { return _mm512_setzero_ps(); }
-  static inline V set1(float f) { return _mm512_set1_ps(f); }
-  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
-  static inline float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
-  static inline V loadf(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void storef(float* p, V v) { _mm512_storeu_ps(p, v); }
-
+struct Isa : Vec16 {
   // n <= 16 elements of type E as fp32; masked loads never touch memory past element n.
   template <Elem E>
   static inline V load(const void* p, int64_t n) {

@@ -1,8 +1,8 @@
 // The sparse-decoding CPU inner loops, written once over an `Isa` struct and compiled per ISA:
 // include this after defining `Isa` inside an anonymous namespace (see sparse_cpu_avx512.cpp).
-// Isa provides: V (16 fp32 lanes), zero(), set1(f), add, sub, mul, fma(a, b, c) = a*b + c,
-// reduce_add, reduce_max, loadf/storef (fp32, 16 lanes), load<E>(p, n) (n <= 16 lanes of element
-// type E as fp32, zeros beyond n) and exp2(v) (accurate to ~1e-7 relative, NaN-propagating).
+// Isa derives from Vec16 (common/cpu_vec16_*.h: V = 16 fp32 lanes, zero, set1, add, sub, mul,
+// fma(a, b, c) = a*b + c, reduce_add, reduce_max, loadf/storef) and adds load<E>(p, n) (n <= 16
+// lanes of element type E as fp32, zeros beyond n) and exp2(v) (~1e-7 relative, NaN-propagating).
 //
 // attend(): online softmax over tiles of kTile tokens. Per tile, every query head g of the group
 // gets a vector of kTile scores (q_g . k_t, already scaled into the log2 domain), one max, one

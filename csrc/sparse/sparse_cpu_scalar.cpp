@@ -4,33 +4,13 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common/cpu_isa.h"
+#include "common/cpu_vec16_scalar.h"
 #include "sparse/sparse_cpu.h"
 
 namespace pyfast::sparse {
 namespace {
 
-struct Isa {
-  struct V {
-    float v[16];
-  };
-  template <class F>
-  static inline V map(F f) { V r; for (int i = 0; i < 16; ++i) r.v[i] = f(i); return r; }
-  static inline V zero() { return map([](int) { return 0.f; }); }
-  static inline V set1(float x) { return map([x](int) { return x; }); }
-  static inline V add(const V& a, const V& b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
-  static inline V sub(const V& a, const V& b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
-  static inline V mul(const V& a, const V& b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
-  static inline V fma(const V& a, const V& b, const V& c) { return map([&](int i) { return std::fma(a.v[i], b.v[i], c.v[i]); }); }
-  static inline float reduce_add(const V& a) { float s = 0.f; for (int i = 0; i < 16; ++i) s += a.v[i]; return s; }
-  static inline float reduce_max(const V& a) {
-    float s = a.v[0];
-    for (int i = 1; i < 16; ++i) s = (a.v[i] > s || std::isnan(a.v[i])) ? a.v[i] : s;
-    return s;
-  }
-  static inline V loadf(const float* p) { return map([p](int i) { return p[i]; }); }
-  static inline void storef(float* p, const V& a) { for (int i = 0; i < 16; ++i) p[i] = a.v[i]; }
-
+struct Isa : Vec16 {
   template <Elem E>
   static inline V load(const void* p, int64_t n) {
     return map([p, n](int i) -> float {

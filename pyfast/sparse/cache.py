@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pyfast._validate import check_int
 from pyfast.sparse.ops import append_kv, decode_attention, sparse_decode_attention
 
 
@@ -61,8 +62,7 @@ class SparseKVCache:
     ):
         for name, v in (("n_layers", n_layers), ("batch_size", batch_size), ("n_kv_heads", n_kv_heads),
                         ("head_dim", head_dim), ("max_length", max_length), ("block_size", block_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"pyfast.SparseKVCache: expected {name} a positive int, got {v!r}")
+            check_int("SparseKVCache", name, v, minimum=1)
         self.block_size, self.topk, self.sink_blocks, self.local_blocks = block_size, topk, sink_blocks, local_blocks
         self.backend = backend
         self.max_length = max_length

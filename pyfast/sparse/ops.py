@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from pyfast import _ops  # noqa: F401  (registers torch.ops.pyfast.*)
-from pyfast._validate import FLOAT_DTYPES, check_backend, check_tensor, fail
+from pyfast._validate import FLOAT_DTYPES, check_backend, check_int, check_tensor, fail
 from pyfast.reference import sparse as reference
 
 _CUDA_KERNELS = _ops.has_cuda_kernels()
@@ -37,8 +37,7 @@ def check_cache(op: str, k_cache, v_cache, cache_seqlens) -> tuple[int, int, int
 def check_block_keys(op: str, block_keys, k_cache, block_size: int, *, written: bool = False) -> None:
     """block_keys [B, Hkv, Tmax // block_size, D] in the cache's dtype; written in place (append)
     it needs a unit last stride, read-only it is copied otherwise."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        fail(op, "block_size", "a positive int", block_size)
+    check_int(op, "block_size", block_size, minimum=1)
     b, hkv, tmax, d = k_cache.shape
     check_tensor(op, "block_keys", block_keys, dtypes=(k_cache.dtype,), shape=(b, hkv, tmax // block_size, d),
                  device=k_cache.device)
@@ -85,8 +84,7 @@ def check_written(op: str, **tensors) -> None:
 
 def check_budget(op: str, topk: int, sink_blocks: int, local_blocks: int) -> None:
     for name, v in (("topk", topk), ("sink_blocks", sink_blocks), ("local_blocks", local_blocks)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            fail(op, name, "a non-negative int", v)
+        check_int(op, name, v, minimum=0)
 
 
 def check_scale(op: str, scale) -> None:

@@ -1,0 +1,38 @@
+// 16-lane fp32 "vectors" in plain C++ (the compiler vectorizes the loops for the baseline ISA),
+// shared by the portable CPU units of every family; the counterpart of cpu_vec16_avx512.h.
+// a * b + c, not std::fma: without hardware FMA in the baseline ISA std::fma is a libm call per
+// lane, which would stop vectorization.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+
+namespace pyfast {
+namespace {
+
+struct Vec16 {
+  struct V {
+    float v[16];
+  };
+  template <class F>
+  static inline V map(F f) { V r; for (int i = 0; i < 16; ++i) r.v[i] = f(i); return r; }
+  static inline V zero() { return map([](int) { return 0.f; }); }
+  static inline V set1(float x) { return map([x](int) { return x; }); }
+  static inline V add(const V& a, const V& b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
+  static inline V sub(const V& a, const V& b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
+  static inline V mul(const V& a, const V& b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
+  static inline V fma(const V& a, const V& b, const V& c) { return map([&](int i) { return a.v[i] * b.v[i] + c.v[i]; }); }
+  static inline float reduce_add(const V& a) { float s = 0.f; for (int i = 0; i < 16; ++i) s += a.v[i]; return s; }
+  static inline float reduce_max(const V& a) {  // NaN wins, so a NaN score is never dropped
+    float s = a.v[0];
+    for (int i = 1; i < 16; ++i) s = (a.v[i] > s || std::isnan(a.v[i])) ? a.v[i] : s;
+    return s;
+  }
+  static inline V loadf(const float* p) { return map([p](int i) { return p[i]; }); }
+  static inline void storef(float* p, const V& a) { for (int i = 0; i < 16; ++i) p[i] = a.v[i]; }
+  static inline float half(uint16_t h) { return half_bits_to_float(h); }
+};
+
+}  // namespace
+}  // namespace pyfast
