@@ -3,12 +3,17 @@
 // compiled for these extensions.
 //
 // Why: the fp32 GEMV (cherryq_cpu_kernel.h) spends ~4 vector ops per 16 weights decoding codes
-// into floats and FMA-ing them. Here 64 codes are decoded as bytes with two byte shuffles
-// (vpermd + vpmultishiftqb per bit plane) and multiplied by x with vpdpbusd (64 u8 x s8 products
-// per op). To keep fp32 accuracy x is not rounded to int8 but split, per group of group_size
-// columns, into a 23-bit fixed-point value written as three balanced base-256 digits
+// into floats and FMA-ing them. Here 64 codes are decoded as bytes (vpermd + vpmultishiftqb, and
+// a masked byte add for the third bit of 3-bit codes) and multiplied by x with vpdpbusd (64 u8 x
+// s8 products per op). To keep fp32 accuracy x is not rounded to int8 but split, per group of
+// group_size columns, into a 23-bit fixed-point value written as three balanced base-256 digits
 // d0 + 256 d1 + 65536 d2 (each int8); one vpdpbusd per digit plane, recombined in int32 at the
-// end of the group (no overflow: |sum| < 2^30 for group_size <= 256), then scaled in fp32.
+// end of the group (no overflow: each lane sums group_size/16 products, |sum| < 2^30 for
+// group_size <= 256), then scaled in fp32. (Two planes would be ~20% faster but round x to 2^-15
+// of its group's max: visible in outputs with cancellation, so not done, even for fp16/bf16 x.)
+// On Zen 4 vpdpbusd, vpermd, vpmultishiftqb, shifts, cvt and FMA on zmm each issue about once per
+// cycle, so speed is their count per group (~14 for 3-bit g128); the scales of 16 groups are
+// converted at once for that reason.
 #include <cstdint>
 
 #include "cherryq/cherryq_cpu.h"
@@ -34,49 +39,38 @@ namespace {
 #include "cherryq/cherryq_cpu_epilogue.h"
 
 constexpr int kChunk = 64;            // codes per decode: two 32-code packs, one byte per code
-constexpr int kPrefetchBytes = 2048;  // ~32 cache lines ahead of the packed-weight stream
+constexpr int kPrefetchBytes = 4096;  // ~64 cache lines (~2.7 rows of 4096 3-bit codes) ahead
 
-// Byte j of output qword q (q = 0..7) receives code 8q + j of the chunk. vpmultishiftqb takes,
-// for each output byte, the 8 bits of the same qword of its source starting at a chosen bit
-// offset; vpermd first copies the right packed words into each source qword.
+// Decodes 64 codes (2 * BITS packed words) into one byte each, code c at byte c.
+// The low (up to 2) bits: one vpermd puts the packed qword of each 32-code pack into the four
+// output qwords that receive its codes, one vpmultishiftqb moves code 8q + j's bits of qword q to
+// byte j, an AND clears the rest. 3 bits: the third bit of the 64 codes is the 1-bit word of each
+// pack; the two words form a 64-bit mask, and a masked byte add puts 4 where it is set.
 template <int BITS>
 struct Decoder {
-  __m512i idx_lo, ctl_lo, idx_hi, ctl_hi, mask;
+  __m512i idx, ctl, mask, four;
 
   Decoder() {
-    alignas(64) int32_t il[16], ih[16];
-    alignas(64) uint8_t cl[64], ch[64];
+    alignas(64) int32_t il[16];
+    alignas(64) uint8_t cl[64];
+    constexpr int lo_bits = BITS == 3 ? 2 : BITS;
     for (int q = 0; q < 8; ++q) {
       for (int j = 0; j < 8; ++j) {
-        const int c = 8 * q + j;  // code index within the 64-code chunk
-        if (BITS == 4) cl[8 * q + j] = static_cast<uint8_t>(4 * j);                    // word q, nibble j
-        if (BITS == 2) cl[8 * q + j] = static_cast<uint8_t>(16 * (q % 2) + 2 * j);     // word q/2
-        if (BITS == 3) {
-          cl[8 * q + j] = static_cast<uint8_t>(2 * (c % 32));  // 2-bit plane: (w0, w1) of its pack
-          ch[8 * q + j] = static_cast<uint8_t>((c % 32 + 62) % 64);  // 1-bit plane: bit c%32 -> bit 2
-        }
+        const int c = 8 * q + j;  // code index within the chunk
+        if (BITS == 4) cl[c] = static_cast<uint8_t>(4 * j);                 // word q, nibble j
+        if (BITS == 2) cl[c] = static_cast<uint8_t>(16 * (q % 2) + 2 * j);  // word q/2
+        if (BITS == 3) cl[c] = static_cast<uint8_t>(2 * (c % 32));          // 2-bit qword of pack q/4
       }
-      // Source qword q = dwords (2q, 2q+1) of the permuted vector.
-      const int pack = q / 4;  // 3-bit: packs are words [0..2] and [3..5]
       if (BITS == 4) il[2 * q] = il[2 * q + 1] = q;
       if (BITS == 2) il[2 * q] = il[2 * q + 1] = q / 2;
-      if (BITS == 3) {
-        il[2 * q] = 3 * pack, il[2 * q + 1] = 3 * pack + 1;
-        ih[2 * q] = ih[2 * q + 1] = 3 * pack + 2;  // the 1-bit word twice: offsets wrap mod 64
-      }
+      if (BITS == 3) il[2 * q] = 3 * (q / 4), il[2 * q + 1] = 3 * (q / 4) + 1;  // words (0,1) or (3,4)
     }
-    idx_lo = _mm512_load_si512(il);
-    ctl_lo = _mm512_load_si512(cl);
-    if (BITS == 3) {
-      idx_hi = _mm512_load_si512(ih);
-      ctl_hi = _mm512_load_si512(ch);
-    }
-    mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+    idx = _mm512_load_si512(il);
+    ctl = _mm512_load_si512(cl);
+    mask = _mm512_set1_epi8(static_cast<char>((1 << lo_bits) - 1));
+    four = _mm512_set1_epi8(4);
   }
 
-  // The 2 * BITS packed words of one chunk -> 64 codes as bytes. For 3 bits (6 words) a single
-  // 32-byte load reads 2 words past the chunk: only allowed when more packed words follow
-  // (EXACT_LOAD = false); the last row of the matrix takes the exact 16 + 8-byte loads.
   template <bool EXACT_LOAD>
   inline __m512i codes(const int32_t* w) const {
     __m512i raw;
@@ -86,52 +80,62 @@ struct Decoder {
     if (BITS == 3 && EXACT_LOAD)
       raw = _mm512_inserti32x4(_mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))),
                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 4)), 1);
-    const __m512i lo = _mm512_multishift_epi64_epi8(ctl_lo, _mm512_permutexvar_epi32(idx_lo, raw));
-    if (BITS != 3) return _mm512_and_si512(lo, mask);
-    const __m512i hi = _mm512_multishift_epi64_epi8(ctl_hi, _mm512_permutexvar_epi32(idx_hi, raw));
-    // bits 0-1 from the 2-bit plane, bit 2 from the 1-bit plane: (lo & 3) | (hi & ~3), then & 7
-    constexpr int kSelect = 0xE4;  // ternlog: C ? A : B
-    return _mm512_and_si512(_mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi8(3), kSelect), mask);
+    const __m512i lo = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi32(idx, raw)), mask);
+    if (BITS != 3) return lo;
+    const uint64_t hi = static_cast<uint32_t>(w[2]) | static_cast<uint64_t>(static_cast<uint32_t>(w[5])) << 32;
+    return _mm512_mask_add_epi8(lo, _cvtu64_mask64(hi), lo, four);
   }
 };
 
-// CHUNKS = group_size / 64 at compile time, so the chunk loop unrolls and the MB x 3
-// accumulators of a group stay in registers.
+// CHUNKS = group_size / 64 at compile time, so the chunk loop unrolls and a group's codes and
+// the MB accumulators stay in registers.
 template <int BITS, int MB, int CHUNKS, bool EXACT_LOAD>
 void gemv_rows_block(const CpuMatmulArgs& a, const Decoder<BITS>& shared, int64_t n0, int64_t n1, int m0) {
   const Decoder<BITS> dec = shared;  // a local copy: the shuffle constants stay in registers
   const int64_t K = a.K, G = K / a.group_size, words_per_row = K / 32 * BITS;
-  constexpr int chunks = CHUNKS;
   const int8_t* d[MB][3];
   for (int m = 0; m < MB; ++m)
     for (int p = 0; p < 3; ++p) d[m][p] = a.xdig + (p * a.M + m0 + m) * K;
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* wrow = a.qweight + n * words_per_row;
-    __m512 tot[MB];
-    float ztot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps(), ztot[m] = 0.f;
-    for (int64_t g = 0; g < G; ++g) {
-      const int32_t* pw = wrow + g * a.group_size / 32 * BITS;
-      __builtin_prefetch(reinterpret_cast<const char*>(pw) + kPrefetchBytes);
-      __m512i acc[MB][3];
-      for (int m = 0; m < MB; ++m)
-        for (int p = 0; p < 3; ++p) acc[m][p] = _mm512_setzero_si512();
-      for (int c = 0; c < chunks; ++c, pw += 2 * BITS) {
-        const __m512i codes = dec.template codes<EXACT_LOAD>(pw);
-        const int64_t k = g * a.group_size + c * kChunk;
-        for (int m = 0; m < MB; ++m)
-          for (int p = 0; p < 3; ++p) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], codes, _mm512_loadu_si512(d[m][p] + k));
-      }
-      const float scale = _cvtsh_ss(a.scales[n * G + g]), zero = _cvtsh_ss(a.zeros[n * G + g]);
+    const uint16_t* srow = a.scales + n * G;
+    const uint16_t* zrow = a.zeros + n * G;
+    __m512 tot[MB], ztot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = ztot[m] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+      // 16 groups' fp16 scales at once, times x's step: one broadcast load per group below.
+      const __mmask16 live = G - g0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g0)) - 1);
+      const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, srow + g0));
+      const __m512 ze = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, zrow + g0));
+      alignas(64) float sx[MB][16];
       for (int m = 0; m < MB; ++m) {
-        const __m512i s = _mm512_add_epi32(acc[m][0], _mm512_add_epi32(_mm512_slli_epi32(acc[m][1], 8),
-                                                                        _mm512_slli_epi32(acc[m][2], 16)));
-        tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale * a.xstep[(m0 + m) * G + g]), tot[m]);
-        ztot[m] += zero * a.xsum[(m0 + m) * G + g];
+        const int64_t xg = (m0 + m) * G + g0;
+        _mm512_store_ps(sx[m], _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(live, a.xstep + xg)));
+        ztot[m] = _mm512_fmadd_ps(ze, _mm512_maskz_loadu_ps(live, a.xsum + xg), ztot[m]);
+      }
+      const int64_t g1 = G - g0 >= 16 ? g0 + 16 : G;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int32_t* pw = wrow + g * a.group_size / 32 * BITS;
+        __builtin_prefetch(reinterpret_cast<const char*>(pw) + kPrefetchBytes);
+        __m512i codes[CHUNKS];
+        for (int c = 0; c < CHUNKS; ++c) codes[c] = dec.template codes<EXACT_LOAD>(pw + c * 2 * BITS);
+        const int64_t k = g * a.group_size;
+        for (int m = 0; m < MB; ++m) {
+          // One accumulator per digit plane (short dependency chains), recombined in int32.
+          __m512i acc[3];
+          for (int p = 0; p < 3; ++p) {
+            acc[p] = _mm512_setzero_si512();
+            for (int c = 0; c < CHUNKS; ++c)
+              acc[p] = _mm512_dpbusd_epi32(acc[p], codes[c], _mm512_loadu_si512(d[m][p] + k + c * kChunk));
+          }
+          const __m512i s = _mm512_add_epi32(acc[0], _mm512_add_epi32(_mm512_slli_epi32(acc[1], 8),
+                                                                      _mm512_slli_epi32(acc[2], 16)));
+          tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(sx[m][g - g0]), tot[m]);
+        }
       }
     }
     float out[MB];
-    for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(tot[m]) + ztot[m];
+    for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(tot[m], ztot[m]));
     add_cherries_and_store<MB>(a, n, m0, out, [](uint16_t h) { return _cvtsh_ss(h); });
   }
 }
@@ -155,15 +159,11 @@ void gemv_block_gs(const CpuMatmulArgs& a, const Decoder<BITS>& dec, int64_t n0,
 template <int BITS>
 void gemv_rows_bits(const CpuMatmulArgs& a, int64_t n0, int64_t n1) {
   const Decoder<BITS> dec;
-  for (int m0 = 0; m0 < a.M;) {  // x rows in blocks of up to 4: each chunk decoded once per block
-    const int mb = a.M - m0 >= 4 ? 4 : static_cast<int>(a.M - m0);
-    switch (mb) {
-      case 4: gemv_block_gs<BITS, 4>(a, dec, n0, n1, m0); break;
-      case 3: gemv_block_gs<BITS, 3>(a, dec, n0, n1, m0); break;
-      case 2: gemv_block_gs<BITS, 2>(a, dec, n0, n1, m0); break;
-      default: gemv_block_gs<BITS, 1>(a, dec, n0, n1, m0); break;
-    }
-    m0 += mb;
+  for (int m0 = 0; m0 < a.M; m0 += 2) {  // x rows in pairs: each chunk decoded once per pair
+    if (a.M - m0 >= 2)
+      gemv_block_gs<BITS, 2>(a, dec, n0, n1, m0);
+    else
+      gemv_block_gs<BITS, 1>(a, dec, n0, n1, m0);
   }
 }
 

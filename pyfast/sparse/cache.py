@@ -22,8 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pyfast._validate import check_int
+from pyfast._validate import check_int, check_tensor, fail
 from pyfast.sparse.ops import append_kv, decode_attention, sparse_decode_attention
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class SparseKVCache:
@@ -147,9 +149,34 @@ class SparseKVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder (or select with repetition) the sequences of the batch: row b <- row index[b]."""
-        index = index.to(self.device)
+        index = self._check_batch_index("reorder", index, exact_size=True)
         for t in (self._k, self._v, self._bk, self._len):
             t.copy_(t.index_select(1, index))
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Rebuild the batch from rows `index` (1-D, any length >= 1, repeats allowed): new row b
+        <- old row index[b], with its tokens, block keys and length. A new batch size reallocates
+        the cache (beam expansion: index = arange(B).repeat_interleave(n)); the same size reorders
+        in place."""
+        index = self._check_batch_index("select_batch", index, exact_size=False)
+        if index.numel() == self.batch_size:
+            self.reorder(index)
+            return
+        self._k, self._v, self._bk, self._len = (t.index_select(1, index) for t in (self._k, self._v, self._bk, self._len))
+        self.k_cache, self.v_cache = list(self._k.unbind(0)), list(self._v.unbind(0))
+        self.block_keys, self.cache_seqlens = list(self._bk.unbind(0)), list(self._len.unbind(0))
+
+    def _check_batch_index(self, method: str, index, *, exact_size: bool) -> torch.Tensor:
+        op = f"SparseKVCache.{method}"
+        check_tensor(op, "index", index, dtypes=_INDEX_DTYPES, ndim=1)
+        if exact_size and index.numel() != self.batch_size:
+            fail(op, "index", f"with {self.batch_size} entries (the batch size)", index.numel())
+        if index.numel() == 0:
+            fail(op, "index", "with at least one entry", "an empty tensor")
+        lo, hi = (int(v) for v in index.aminmax())
+        if lo < 0 or hi >= self.batch_size:
+            fail(op, "index", f"with entries in [0, {self.batch_size})", f"values in [{lo}, {hi}]")
+        return index.to(self.device, torch.long)
 
     def reset(self) -> None:
         """Empty every sequence (lengths to 0) and clear the stats; keeps the allocation."""

@@ -17,9 +17,12 @@ Example:
     >>> cache.reset()                                   # before the next prompt (or make a new one)
 
 Supported: batch 1; batch > 1 with left padding (the padding is dropped from the cache at
-prefill, so each row holds only its own tokens: the pads are never attended, as in HF). Not
-supported: sliding-window layers, beam search expansion (batch_repeat_interleave), torch.compile
-of the decode step (the tag lives on a Python tensor attribute).
+prefill, so each row holds only its own tokens: the pads are never attended, as in HF); beam
+search (`generate(num_beams=n)` expands the inputs before the prefill, so build the cache with
+batch_size = batch * n; beams are reordered in place); batch_repeat_interleave and
+batch_select_indices (they reallocate the cache for the new batch size). Not supported:
+sliding-window layers, torch.compile of the decode step (the tag lives on a Python tensor
+attribute).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from pyfast._validate import check_int
 from pyfast.sparse.cache import SparseKVCache
 
 ATTN_IMPLEMENTATION = "pyfast_sparse"
@@ -47,9 +51,13 @@ class _SparseLayer(CacheLayerMixin):
     def __init__(self, kv: SparseKVCache, layer_idx: int):
         super().__init__()
         self.kv, self.layer_idx, self.seen = kv, layer_idx, 0
-        self.keys, self.values = kv.k_cache[layer_idx], kv.v_cache[layer_idx]
-        self.dtype, self.device, self.batch_size = kv.dtype, kv.device, kv.batch_size
+        self.bind()
         self.is_initialized = True
+
+    def bind(self) -> None:
+        """(Re)point at this layer's slices of the SparseKVCache (after a batch-size change)."""
+        self.keys, self.values = self.kv.k_cache[self.layer_idx], self.kv.v_cache[self.layer_idx]
+        self.dtype, self.device, self.batch_size = self.kv.dtype, self.kv.device, self.kv.batch_size
 
     def lazy_initialization(self, key_states, value_states) -> None:  # preallocated in __init__
         pass
@@ -138,10 +146,18 @@ class SparseDecodingCache(Cache):
         self.kv.reorder(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("pyfast.SparseDecodingCache: the batch size is fixed at construction")
+        """Repeat every sequence `repeats` times in place (beam expansion); reallocates the cache."""
+        check_int("SparseDecodingCache.batch_repeat_interleave", "repeats", repeats, minimum=1)
+        self._select(torch.arange(self.kv.batch_size).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("pyfast.SparseDecodingCache: the batch size is fixed at construction")
+        """Keep only the sequences `indices` (in that order); reallocates if the batch size changes."""
+        self._select(indices)
+
+    def _select(self, index: torch.Tensor) -> None:
+        self.kv.select_batch(index)
+        for layer in self.layers:
+            layer.bind()
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -65,6 +65,40 @@ def test_cpu_isa_paths(isa, bits, m, group_size):
     assert torch.isnan(out_nan[-1]).all() and not torch.isnan(out_nan[:-1]).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+def test_cpu_vnni_half_x(dtype, bits, m, group_size):
+    """fp16/bf16 x through the VNNI path (x split into int8 digit planes): within the dtype's
+    tolerance of the reference and within one ulp of the fp32 kernel, outputs with cancellation
+    included (x spans four decades, so a coarse split of x would show)."""
+    from pyfast import _C
+
+    if pyfast.build_info()["cpu_isa"] != "avx512_vnni":
+        pytest.skip("CPU without avx512_vnni")
+    k = 3 * group_size
+    qw = make(37, k, bits, group_size, cherries=2, seed=bits)
+    x = (torch.randn(m, k) * torch.logspace(-2, 2, k)).to(dtype)
+    bias = torch.randn(37).to(dtype)
+    ref = ref_matmul(x, qw, bias)
+    _C.set_cpu_isa("avx512_vnni")
+    try:
+        out = pyfast.cherryq_matmul(x, qw, bias, backend="cpu")
+    finally:
+        _C.set_cpu_isa("avx512")
+    try:
+        exact = pyfast.cherryq_matmul(x, qw, bias, backend="cpu")  # fp32 kernel, fp32 accumulation
+    finally:
+        _C.set_cpu_isa("auto")
+    assert_close(out, ref, rel_tol(dtype))
+    # Each output within one unit in the last place of the fp32 kernel's (both err far below half
+    # a unit before the final rounding, so only some roundings differ).
+    big = torch.maximum(out.float().abs(), exact.float().abs()).clamp_min(torch.finfo(dtype).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(big)) - {torch.float16: 10, torch.bfloat16: 7}[dtype])
+    assert ((out.float() - exact.float()).abs() <= ulp).all()
+
+
 @pytest.mark.parametrize("cherries", [0, 1, 5])
 @pytest.mark.parametrize("m", [2, 12])
 def test_cherries_counted_once(cherries, m):

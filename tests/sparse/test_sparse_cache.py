@@ -131,3 +131,43 @@ def test_bad_arguments():
         cache.append(1, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     with pytest.raises(ValueError, match="cache_seqlens"):  # past Tmax: pyfast.append_kv refuses
         cache.append(0, torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8))
+
+
+def test_select_batch_and_reorder():
+    cache, _, _ = _filled([45, 23, 9])
+    before = [t.clone() for t in (cache._k, cache._v, cache._bk, cache._len)]
+    q = torch.randn(3, 4, 40)
+    want = cache.attend(1, q)
+    cache.reorder(torch.tensor([2, 0, 1]))  # same size: in place
+    assert_close(cache.attend(1, q[[2, 0, 1]]), want[[2, 0, 1]], 1e-6)
+    cache.reorder(torch.tensor([1, 2, 0]))
+    index = torch.tensor([0, 0, 2, 1, 2])  # new batch size: reallocated, rows copied with their lengths
+    cache.select_batch(index)
+    assert cache.batch_size == 5 and cache.k_cache[0].shape[0] == 5
+    assert cache.cache_seqlens[1].tolist() == [45, 45, 9, 23, 9]
+    for t, b in zip((cache._k, cache._v, cache._bk, cache._len), before):
+        assert torch.equal(t, b[:, index])
+    assert_close(cache.attend(1, q[index]), want[index], 1e-6)
+    cache.append(0, torch.randn(5, 2, 2, 40), torch.randn(5, 2, 2, 40))  # keeps working
+    assert cache.cache_seqlens[0].tolist() == [47, 47, 11, 25, 11]
+
+
+@pytest.mark.parametrize("index, match", [
+    (torch.tensor([0, 3, 1]), r"index with entries in \[0, 3\)"),
+    (torch.tensor([-1, 0, 1]), r"index with entries in \[0, 3\)"),
+    (torch.tensor([[0]]), "index a 1-D tensor"),
+    (torch.tensor([0.0]), "index dtype"),
+    (torch.tensor([], dtype=torch.long), "index with at least one entry"),
+    ([0, 1], "index to be a torch.Tensor"),
+])
+def test_select_batch_bad_index_changes_nothing(index, match):
+    cache, _, _ = _filled([45, 23, 9])
+    before = [t.clone() for t in (cache._k, cache._len)]
+    with pytest.raises(ValueError, match=match):
+        cache.select_batch(index)
+    if isinstance(index, torch.Tensor) and index.shape == (3,):
+        with pytest.raises(ValueError, match=match):
+            cache.reorder(index)
+    with pytest.raises(ValueError, match="index with 3 entries"):
+        cache.reorder(torch.tensor([0, 1]))
+    assert torch.equal(cache._k, before[0]) and torch.equal(cache._len, before[1]) and cache.batch_size == 3

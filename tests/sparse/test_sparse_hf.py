@@ -137,3 +137,50 @@ def test_rejects_sliding_window_layers():
                                    sliding_window=8, max_window_layers=0)
     with pytest.raises(ValueError, match="full-attention"):
         pyfast.SparseDecodingCache(transformers.Qwen2ForCausalLM(cfg), max_length=16)
+
+
+def test_beam_search_equals_dense_hf():
+    """generate(num_beams=n) expands the batch before the prefill: a cache built for batch * n
+    beams, reordered in place by transformers, gives HF's dense beam search exactly."""
+    model = _tiny("llama")
+    ids = torch.randint(3, 97, (2, PROMPT))
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, num_beams=3,
+                          num_return_sequences=2)
+    cache = pyfast.enable_sparse_decoding(model, max_length=PROMPT + NEW, batch_size=6, topk=64, **SPARSE)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, num_beams=3,
+                         num_return_sequences=2, past_key_values=cache)
+    assert torch.equal(got, want)
+
+
+def test_batch_repeat_interleave_and_select_follow_dynamic_cache():
+    model = _tiny("qwen2")
+    ids = torch.randint(3, 97, (2, PROMPT))
+
+    def run(cache):
+        logits = [model(ids, past_key_values=cache).logits[:, -1]]
+        cache.batch_repeat_interleave(3)  # [a, a, a, b, b, b]
+        nxt = torch.randint(3, 97, (6, 1), generator=torch.Generator().manual_seed(1))
+        for _ in range(5):
+            logits.append(model(nxt, past_key_values=cache).logits[:, -1])
+            nxt = logits[-1].argmax(-1, keepdim=True)
+        keep = torch.tensor([4, 0, 2])
+        cache.batch_select_indices(keep)
+        nxt = nxt[keep]
+        for _ in range(4):
+            logits.append(model(nxt, past_key_values=cache).logits[:, -1])
+            nxt = logits[-1].argmax(-1, keepdim=True)
+        return logits
+
+    want = run(transformers.DynamicCache(config=model.config))
+    cache = pyfast.enable_sparse_decoding(model, max_length=PROMPT + 9, batch_size=2, topk=64, **SPARSE)
+    got = run(cache)
+    assert [g.shape[0] for g in got] == [2] + [6] * 5 + [3] * 4
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert cache.kv.batch_size == 3 and cache.layers[0].keys.shape[0] == 3
+    assert cache.kv.cache_seqlens[0].tolist() == [PROMPT + 9] * 3
+    with pytest.raises(ValueError, match="repeats"):
+        cache.batch_repeat_interleave(0)
+    assert cache.kv.batch_size == 3
