@@ -36,6 +36,19 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "
 
 
 @contextlib.contextmanager
+def cpu_isa(isa: str):
+    """While active, the C++ CPU kernels run capped at `isa` ("scalar", "avx512", "avx512_vnni");
+    the automatic choice comes back afterwards."""
+    from pyfast import _C
+
+    _C.set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa("auto")
+
+
+@contextlib.contextmanager
 def poisoned_outputs():
     """While active, new tensors from torch.empty/empty_like/new_empty and every pyfast C++ op
     output start as NaN, so an unwritten element cannot pass a test."""

@@ -104,7 +104,8 @@ void gemv_rows_block(const CpuMatmulArgs& a, const Decoder<BITS>& shared, int64_
     for (int m = 0; m < MB; ++m) tot[m] = ztot[m] = _mm512_setzero_ps();
     for (int64_t g0 = 0; g0 < G; g0 += 16) {
       // 16 groups' fp16 scales at once, times x's step: one broadcast load per group below.
-      const __mmask16 live = G - g0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g0)) - 1);
+      const int64_t g1 = G - g0 >= 16 ? g0 + 16 : G;
+      const __mmask16 live = static_cast<__mmask16>((1u << (g1 - g0)) - 1);
       const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, srow + g0));
       const __m512 ze = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, zrow + g0));
       alignas(64) float sx[MB][16];
@@ -113,7 +114,6 @@ void gemv_rows_block(const CpuMatmulArgs& a, const Decoder<BITS>& shared, int64_
         _mm512_store_ps(sx[m], _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(live, a.xstep + xg)));
         ztot[m] = _mm512_fmadd_ps(ze, _mm512_maskz_loadu_ps(live, a.xsum + xg), ztot[m]);
       }
-      const int64_t g1 = G - g0 >= 16 ? g0 + 16 : G;
       for (int64_t g = g0; g < g1; ++g) {
         const int32_t* pw = wrow + g * a.group_size / 32 * BITS;
         __builtin_prefetch(reinterpret_cast<const char*>(pw) + kPrefetchBytes);

@@ -76,8 +76,7 @@ class SparseKVCache:
         self._bk = torch.zeros(n_layers, batch_size, n_kv_heads, max_length // block_size, head_dim,
                                dtype=dtype, device=device)
         self._len = torch.zeros(n_layers, batch_size, dtype=torch.int32, device=device)
-        self.k_cache, self.v_cache = list(self._k.unbind(0)), list(self._v.unbind(0))
-        self.block_keys, self.cache_seqlens = list(self._bk.unbind(0)), list(self._len.unbind(0))
+        self._bind_layers()
         # decode-step byte counters, on the device so that counting never syncs with the host
         self._read = torch.zeros((), dtype=torch.float64, device=device)
         self._dense = torch.zeros((), dtype=torch.float64, device=device)
@@ -149,9 +148,7 @@ class SparseKVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder (or select with repetition) the sequences of the batch: row b <- row index[b]."""
-        index = self._check_batch_index("reorder", index, exact_size=True)
-        for t in (self._k, self._v, self._bk, self._len):
-            t.copy_(t.index_select(1, index))
+        self._copy_rows(self._check_batch_index("reorder", index, exact_size=True))
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Rebuild the batch from rows `index` (1-D, any length >= 1, repeats allowed): new row b
@@ -160,9 +157,17 @@ class SparseKVCache:
         in place."""
         index = self._check_batch_index("select_batch", index, exact_size=False)
         if index.numel() == self.batch_size:
-            self.reorder(index)
+            self._copy_rows(index)
             return
         self._k, self._v, self._bk, self._len = (t.index_select(1, index) for t in (self._k, self._v, self._bk, self._len))
+        self._bind_layers()
+
+    def _copy_rows(self, index: torch.Tensor) -> None:
+        for t in (self._k, self._v, self._bk, self._len):
+            t.copy_(t.index_select(1, index))
+
+    def _bind_layers(self) -> None:
+        """The per-layer views (k_cache[i] etc.) of the four allocations."""
         self.k_cache, self.v_cache = list(self._k.unbind(0)), list(self._v.unbind(0))
         self.block_keys, self.cache_seqlens = list(self._bk.unbind(0)), list(self._len.unbind(0))
 

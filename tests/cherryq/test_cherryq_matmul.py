@@ -6,7 +6,7 @@ import torch
 
 import pyfast
 from pyfast.reference.cherryq import matmul as ref_matmul
-from pyfast.testing import assert_close, rel_tol
+from pyfast.testing import assert_close, cpu_isa, rel_tol
 
 
 def make(n, k, bits, group_size, cherries=None, seed=0):
@@ -44,8 +44,6 @@ def test_cpu_other_group_sizes(group_size, m):
 def test_cpu_isa_paths(isa, bits, m, group_size):
     """Every CPU code path, whatever this machine picks by default (the portable one runs on
     CPUs without AVX-512)."""
-    from pyfast import _C
-
     have = pyfast.build_info()["cpu_isa"]
     if isa == "avx512" and not have.startswith("avx512") or isa == "avx512_vnni" and have != "avx512_vnni":
         pytest.skip(f"CPU without {isa}")
@@ -53,16 +51,27 @@ def test_cpu_isa_paths(isa, bits, m, group_size):
     qw = make(21, k, bits, group_size, cherries=2)
     x, bias = torch.randn(m, k) * torch.logspace(-3, 3, k), torch.randn(21)  # wide dynamic range in x
     x[0, 5] = 0.0
-    _C.set_cpu_isa(isa)
-    try:
+    with cpu_isa(isa):
         out = pyfast.cherryq_matmul(x, qw, bias, backend="cpu")
         x_nan = x.clone()
         x_nan[-1, 7] = float("nan")  # NaN in a row: NaN out in that row only (VNNI falls back)
         out_nan = pyfast.cherryq_matmul(x_nan, qw, bias, backend="cpu")
-    finally:
-        _C.set_cpu_isa("auto")
     assert_close(out, ref_matmul(x, qw, bias), 1e-5)
     assert torch.isnan(out_nan[-1]).all() and not torch.isnan(out_nan[:-1]).any()
+
+
+@pytest.mark.parametrize("groups", [16, 19, 35])
+@pytest.mark.parametrize("m", [1, 2])
+def test_cpu_vnni_many_groups(groups, m):
+    """The VNNI GEMV converts scales 16 groups at a time: full blocks and a partial tail."""
+    if pyfast.build_info()["cpu_isa"] != "avx512_vnni":
+        pytest.skip("CPU without avx512_vnni")
+    k = 64 * groups
+    qw = make(13, k, 3, 64, seed=groups)
+    x, bias = torch.randn(m, k), torch.randn(13)
+    with cpu_isa("avx512_vnni"):
+        out = pyfast.cherryq_matmul(x, qw, bias, backend="cpu")
+    assert_close(out, ref_matmul(x, qw, bias), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -73,8 +82,6 @@ def test_cpu_vnni_half_x(dtype, bits, m, group_size):
     """fp16/bf16 x through the VNNI path (x split into int8 digit planes): within the dtype's
     tolerance of the reference and within one ulp of the fp32 kernel, outputs with cancellation
     included (x spans four decades, so a coarse split of x would show)."""
-    from pyfast import _C
-
     if pyfast.build_info()["cpu_isa"] != "avx512_vnni":
         pytest.skip("CPU without avx512_vnni")
     k = 3 * group_size
@@ -82,15 +89,10 @@ def test_cpu_vnni_half_x(dtype, bits, m, group_size):
     x = (torch.randn(m, k) * torch.logspace(-2, 2, k)).to(dtype)
     bias = torch.randn(37).to(dtype)
     ref = ref_matmul(x, qw, bias)
-    _C.set_cpu_isa("avx512_vnni")
-    try:
+    with cpu_isa("avx512_vnni"):
         out = pyfast.cherryq_matmul(x, qw, bias, backend="cpu")
-    finally:
-        _C.set_cpu_isa("avx512")
-    try:
+    with cpu_isa("avx512"):
         exact = pyfast.cherryq_matmul(x, qw, bias, backend="cpu")  # fp32 kernel, fp32 accumulation
-    finally:
-        _C.set_cpu_isa("auto")
     assert_close(out, ref, rel_tol(dtype))
     # Each output within one unit in the last place of the fp32 kernel's (both err far below half
     # a unit before the final rounding, so only some roundings differ).

@@ -5,7 +5,7 @@ import torch
 
 import pyfast
 from pyfast.reference import sparse as ref
-from pyfast.testing import assert_close, rel_tol
+from pyfast.testing import assert_close, cpu_isa, rel_tol
 from sparse_cases import DTYPES, make_cache, make_query
 
 # (B, Hkv, G, Tmax, D, lengths): odd head dims, GQA ratios 1/3/4, lengths differing per sequence.
@@ -20,9 +20,8 @@ SHAPES = [
 
 @pytest.fixture(params=["auto", "scalar"])
 def isa(request):
-    pyfast._C.set_cpu_isa(request.param)
-    yield request.param
-    pyfast._C.set_cpu_isa("auto")
+    with cpu_isa(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
