@@ -1,5 +1,8 @@
-// pyfast._C: the compiled extension. Importing it runs the TORCH_LIBRARY registrations of every
-// source linked in; the pybind11 module itself only reports how it was built.
+// pyfast._C: the compiled extension. It holds the kernel entry points (csrc/kernels.h), which the
+// op registry (pyfast/_registry.py) calls as the "cpu" / "cuda" implementations of
+// torch.ops.pyfast.* after checking every argument, and reports how it was built. The ops' schemas,
+// rules, fake impls and autograd live in the registry, not here. These functions do not check
+// their arguments: call torch.ops.pyfast.* or pyfast.* instead.
 #include <torch/extension.h>
 
 #include <string>
@@ -12,6 +15,7 @@
 #endif
 
 #include "common/cpu_isa.h"
+#include "kernels.h"
 
 namespace pyfast {
 bool& poison_outputs() {
@@ -20,15 +24,28 @@ bool& poison_outputs() {
 }
 }  // namespace pyfast
 
+// The level the CPU kernels run at now: the best this CPU has, capped by set_cpu_isa. Only levels
+// that have kernels are reported (a CPU without AVX-512 runs the portable kernels: "scalar").
 static std::string cpu_isa() {
-  if (pyfast::cpu_has_avx512_vnni()) return "avx512_vnni";
-  if (pyfast::cpu_has_avx512()) return "avx512";
-  if (pyfast::cpu_has_avx2()) return "avx2";
+  if (pyfast::cpu_use_avx512_vnni()) return "avx512_vnni";
+  if (pyfast::cpu_use_avx512()) return "avx512";
   return "scalar";
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pyfast compiled kernels (ops are under torch.ops.pyfast)";
+  m.doc() = "pyfast compiled kernels, unchecked (the checked ops are torch.ops.pyfast.* and pyfast.*)";
+  // Kernel entry points: <op>_<backend>, arguments in the op's schema order.
+  m.def("cherryq_matmul_cpu", &pyfast::cherryq::cherryq_matmul_cpu);
+  m.def("append_kv_cpu", &pyfast::sparse::append_kv_cpu);
+  m.def("decode_attention_cpu", &pyfast::sparse::decode_attention_cpu);
+  m.def("sparse_decode_attention_cpu", &pyfast::sparse::sparse_decode_attention_cpu);
+#ifdef PYFAST_WITH_CUDA
+  m.def("cherryq_matmul_cuda", &pyfast::cherryq::cherryq_matmul_cuda);
+  m.def("append_kv_cuda", &pyfast::sparse::append_kv_cuda);
+  m.def("decode_attention_cuda", &pyfast::sparse::decode_attention_cuda);
+  m.def("sparse_decode_attention_cuda", &pyfast::sparse::sparse_decode_attention_cuda);
+#endif
+
   m.def("set_poison_outputs", [](bool on) { pyfast::poison_outputs() = on; },
         "Fill every op output with NaN before the kernel writes it (for tests).");
   m.def("set_cpu_isa", [](const std::string& isa) {

@@ -27,8 +27,8 @@ A program only adds the cherries whose column lies in the K range it owns, so in
 
 Launchers (x2d [M, K] with x2d.stride(1) == 1, any row stride; quantized tensors contiguous):
     cherryq_gemv_triton, cherryq_gemm_triton, cherryq_matmul_triton (picks by M).
-They allocate the output (torch.empty, x's dtype) and check only what the kernels need to stay
-in bounds; user-facing argument validation lives in `pyfast`. K (in_features), bits, group size
+They allocate the output (torch.empty, x's dtype) and check nothing: torch.ops.pyfast.cherryq_matmul
+runs the op's rules (pyfast/cherryq/ops.py) before calling them. K (in_features), bits, group size
 and block sizes are compile-time constants: one compiled variant per layer shape.
 
 Under TRITON_INTERPRET=1 (CPU tensors) two interpreter gaps show: bf16 tl.dot is not supported
@@ -45,7 +45,7 @@ import triton.language as tl
 
 from pyfast.kernels._utils import INTERPRETED, num_sms
 
-from pyfast.cherryq.format import PACK, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from pyfast.cherryq.format import PACK
 
 # Codes per pack: every bit width stores 32 codes in `bits` int32 words (see format.py).
 CODES_PER_PACK = tl.constexpr(PACK)
@@ -257,49 +257,12 @@ def _cherryq_gemm_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size):
-    """Shape checks the kernels rely on for in-bounds access; returns (x2d, M, N, K, C)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"pyfast.cherryq_matmul: expected bits in {SUPPORTED_BITS}, got {bits}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"pyfast.cherryq_matmul: expected group_size in {SUPPORTED_GROUP_SIZES}, got {group_size}")
-    if x2d.dim() != 2:
-        raise ValueError(f"pyfast.cherryq_matmul: expected x2d 2-D [M, K], got shape {list(x2d.shape)}")
-    if x2d.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"pyfast.cherryq_matmul: expected x dtype float32/float16/bfloat16, got {x2d.dtype}")
-    N, G = scales.shape
-    K = G * group_size
-    if G == 0:
-        raise ValueError(f"pyfast.cherryq_matmul: expected scales with at least one group, got shape {list(scales.shape)}")
-    C = cherry_idx.shape[1]
-    M = x2d.shape[0]
-    expected = {
-        "x2d": (x2d, (M, K)),
-        "qweight": (qweight, (N, K // PACK * bits)),
-        "scales": (scales, (N, G)),
-        "zeros": (zeros, (N, G)),
-        "cherry_idx": (cherry_idx, (N, C)),
-        "cherry_val": (cherry_val, (N, C)),
-    }
-    if bias is not None:
-        expected["bias"] = (bias, (N,))
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"pyfast.cherryq_matmul: expected {name} shape {list(shape)}, got {list(t.shape)}")
-        if t.device != x2d.device:
-            raise ValueError(f"pyfast.cherryq_matmul: expected {name} on {x2d.device}, got {t.device}")
-        if name != "x2d" and not t.is_contiguous():
-            raise ValueError(f"pyfast.cherryq_matmul: expected {name} contiguous")
-    for name, t, dtype in (("qweight", qweight, torch.int32), ("scales", scales, torch.float16),
-                           ("zeros", zeros, torch.float16), ("cherry_idx", cherry_idx, torch.int32),
-                           ("cherry_val", cherry_val, torch.float16)):
-        if t.dtype != dtype:
-            raise ValueError(f"pyfast.cherryq_matmul: expected {name} dtype {dtype}, got {t.dtype}")
+def _prepare(x2d, qweight, scales, cherry_idx, group_size):
+    """Sizes of a call whose arguments the registry checked (pyfast/cherryq/ops.py); x2d gets unit
+    stride along K (any row stride is fine). Returns (x2d, M, N, K, C)."""
     if x2d.stride(1) != 1:
-        x2d = x2d.contiguous()  # the kernels need unit stride along K; any row stride is fine
-    return x2d, M, N, K, C
-
-
+        x2d = x2d.contiguous()
+    return x2d, x2d.shape[0], qweight.shape[0], scales.shape[1] * group_size, cherry_idx.shape[1]
 
 
 def _gemv_split_k(N: int, K: int, group_size: int, device: torch.device) -> int:
@@ -319,7 +282,7 @@ def cherryq_gemv_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bia
     Deterministic: with split_k > 1 the fp32 partials go through a workspace and are summed in
     a fixed order by a second small kernel.
     """
-    x2d, M, N, K, C = _prepare(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size)
+    x2d, M, N, K, C = _prepare(x2d, qweight, scales, cherry_idx, group_size)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y
@@ -377,7 +340,7 @@ def cherryq_gemm_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bia
     x: 3xTF32). block_m picks the tile config as if M were block_m (tests: force one M tile
     size). Returns y [M, N] in x2d's dtype.
     """
-    x2d, M, N, K, C = _prepare(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size)
+    x2d, M, N, K, C = _prepare(x2d, qweight, scales, cherry_idx, group_size)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y

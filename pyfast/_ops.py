@@ -1,4 +1,4 @@
-"""Loads the compiled extension (which registers every torch.ops.pyfast.* op) and reports build info."""
+"""Loads the compiled extension (the kernel entry points the op registry calls) and reports build info."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib.util
 import torch
 
 try:
-    from pyfast import _C  # noqa: F401  (import registers the ops)
+    from pyfast import _C
 except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(
         "pyfast: the compiled extension pyfast._C is missing or does not match the installed torch "
@@ -33,3 +33,8 @@ def build_info() -> dict:
     info["triton"] = has_triton()
     info["cuda_available"] = torch.cuda.is_available()
     return info
+
+
+def kernel(name: str):
+    """The compiled entry point `name` (csrc/kernels.h), e.g. "cherryq_matmul_cpu"."""
+    return getattr(_C, name)

@@ -1,4 +1,4 @@
-// CherryQ matmul on the CPU: argument checks, x in fp32, and the split over threads.
+// CherryQ matmul on the CPU: x in fp32 and the split over threads (arguments checked by the registry).
 //   M <= kGemvMaxRows: GEMV, threads split the output rows; each weight is decoded once per
 //                      block of 4 x rows and FMA'd against x straight from L1. For 1-2 rows,
 //                      CPUs with AVX-512 VNNI + VBMI use int8 dot products against x split
@@ -9,16 +9,16 @@
 // The per-ISA inner loops live in cherryq_cpu_{avx512,scalar}.cpp (torch-free).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "cherryq/cherryq_checks.h"
-#include "common/alloc.h"
 #include "cherryq/cherryq_cpu.h"
+#include "common/alloc.h"
 #include "common/cpu_isa.h"
+#include "common/host.h"
+#include "kernels.h"
 
 namespace pyfast {
 
@@ -49,18 +49,18 @@ std::vector<float> group_sums(const float* x, int64_t ldx, int64_t M, int64_t K,
   return out;
 }
 
+}  // namespace
+
 at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                               const at::Tensor& zeros, const at::Tensor& cherry_idx, const at::Tensor& cherry_val,
                               const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size) {
-  const auto shp = check_matmul_args(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size);
-  TORCH_CHECK(x.device().is_cpu(), "pyfast.cherryq_matmul: expected x on the CPU, got ", x.device());
-  const int64_t M = shp.M, N = shp.N, K = shp.K;
+  const int64_t K = scales.size(1) * group_size, N = qweight.size(0), M = x.numel() / K;
 
   // x as fp32 rows with unit stride in the last dim (one conversion, outside the hot loop).
   const at::Tensor xc = x.reshape({M, K}).to(at::kFloat).contiguous();
   const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = empty_output({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return y.to(x.scalar_type()).reshape(out_sizes(x, N));
+  if (M == 0 || N == 0) return y.to(x.scalar_type()).reshape(with_last_size(x, N));
 
   const std::vector<float> xsum = group_sums(xc.data_ptr<float>(), K, M, K, group_size);
   CpuMatmulArgs a{};
@@ -75,7 +75,7 @@ at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, co
   a.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
   a.y = y.data_ptr<float>();
   a.ldy = N;
-  a.M = M, a.N = N, a.K = K, a.C = shp.C;
+  a.M = M, a.N = N, a.K = K, a.C = cherry_idx.size(1);
   a.bits = static_cast<int>(bits), a.group_size = static_cast<int>(group_size);
 
   const bool avx512 = cpu_use_avx512();
@@ -102,12 +102,8 @@ at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, co
       for (int64_t p = p0; p < p1; ++p) panel(a, p * kPanelRows, std::min(kPanelRows, N - p * kPanelRows), w.data());
     });
   }
-  return y.to(x.scalar_type()).reshape(out_sizes(x, N));
+  return y.to(x.scalar_type()).reshape(with_last_size(x, N));
 }
 
-}  // namespace
 }  // namespace cherryq
-
-TORCH_LIBRARY_IMPL(pyfast, CPU, m) { m.impl("cherryq_matmul", &cherryq::cherryq_matmul_cpu); }
-
 }  // namespace pyfast

@@ -1,14 +1,14 @@
-// CUDA implementation of torch.ops.pyfast.cherryq_matmul: argument checks, dtype mapping and
-// the launch. The device code (cherryq_gemv.cuh) and its launcher (cherryq_cuda.cu) are
+// CUDA implementation of torch.ops.pyfast.cherryq_matmul (arguments checked by the registry):
+// dtype mapping and the launch. The device code (cherryq_gemv.cuh) and its launcher (cherryq_cuda.cu) are
 // torch-free; this file is the only one that sees ATen.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
-#include "cherryq/cherryq_checks.h"
 #include "cherryq/cherryq_cuda.h"
 #include "common/alloc.h"
+#include "common/host.h"
+#include "kernels.h"
 
 namespace pyfast {
 namespace cherryq {
@@ -23,19 +23,23 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
+}  // namespace
+
 // y[..., N] = x[..., K] @ dequantize(W).T + bias (fp32 accumulation, y in x's dtype).
 // Batched GEMV: rows of x are processed 8 at a time, each pass streaming the weights once.
 at::Tensor cherryq_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                const at::Tensor& zeros, const at::Tensor& cherry_idx, const at::Tensor& cherry_val,
                                const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size) {
-  const MatmulShape s = check_matmul_args(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size);
-  TORCH_CHECK(x.is_cuda(), "pyfast.cherryq_matmul: expected x on a CUDA device, got ", x.device());
+  struct {
+    int64_t M, N, K, C;
+  } s;
+  s.K = scales.size(1) * group_size, s.N = qweight.size(0), s.M = x.numel() / s.K, s.C = cherry_idx.size(1);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   // [..., K] -> [M, K]; a view whenever the leading dims allow it, rows may be strided.
   const at::Tensor x2 = last_dim_contiguous(x.reshape({s.M, s.K}));
   at::Tensor y = empty_output({s.M, s.N}, x.options());  // at::empty (NaN-poisoned under tests)
-  if (s.M == 0 || s.N == 0) return y.view(out_sizes(x, s.N));
+  if (s.M == 0 || s.N == 0) return y.view(with_last_size(x, s.N));
   at::Tensor b;
   if (bias.has_value()) b = bias->contiguous();
 
@@ -60,11 +64,8 @@ at::Tensor cherryq_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, c
 
   const cudaError_t err = launch_gemv(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "pyfast.cherryq_matmul: CUDA kernel launch failed: ", cudaGetErrorString(err));
-  return y.view(out_sizes(x, s.N));
+  return y.view(with_last_size(x, s.N));
 }
 
-}  // namespace
 }  // namespace cherryq
 }  // namespace pyfast
-
-TORCH_LIBRARY_IMPL(pyfast, CUDA, m) { m.impl("cherryq_matmul", &pyfast::cherryq::cherryq_matmul_cuda); }

@@ -24,14 +24,6 @@ bool cpu_has_avx512_vnni() {
 #endif
 }
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 int& cpu_isa_cap() {
   static int cap = kIsaAvx512Vnni;
   return cap;

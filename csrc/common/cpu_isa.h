@@ -8,7 +8,6 @@ namespace pyfast {
 
 bool cpu_has_avx512();       // AVX-512 F/BW/VL/DQ + FMA + F16C: the *_avx512.cpp kernels
 bool cpu_has_avx512_vnni();  // ... + VNNI (int8 dot products) + VBMI (byte shuffles): *_vnni.cpp
-bool cpu_has_avx2();
 
 // The best kernel level the dispatchers may pick: 0 portable, 1 AVX-512, 2 AVX-512 + VNNI.
 // Set from Python (pyfast._C.set_cpu_isa) so that tests reach every path on one machine.

@@ -8,7 +8,6 @@
 // leaves (max, sum, acc) partials; a merge rescales them to the global max and divides.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,8 +16,10 @@
 
 #include "common/alloc.h"
 #include "common/cpu_isa.h"
-#include "sparse/sparse_checks.h"
+#include "common/host.h"
+#include "kernels.h"
 #include "sparse/sparse_cpu.h"
+#include "sparse/sparse_shape.h"
 
 namespace pyfast::sparse {
 namespace {
@@ -31,7 +32,7 @@ Elem elem_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return Elem::kF32;
     case at::kHalf: return Elem::kF16;
-    default: return Elem::kBF16;  // check_float_dtype ran before
+    default: return Elem::kBF16;  // the registry admits float32, float16 and bfloat16 only
   }
 }
 
@@ -184,13 +185,12 @@ std::vector<int64_t> lengths_of(const at::Tensor& cache_seqlens) {
   return std::vector<int64_t>(p, p + c.numel());
 }
 
+}  // namespace
+
 at::Tensor decode_attention_cpu(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& cache_seqlens, c10::optional<double> scale) {
-  const char* op = "decode_attention";
-  const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
-  const int64_t G = check_query(op, q_, k_cache, s);
-  TORCH_CHECK(k_cache.device().is_cpu(), "pyfast.", op, ": expected k_cache on the CPU, got ", k_cache.device());
-  check_seqlens_values(op, cache_seqlens, 1, s.Tmax);
+  const CacheShape s = cache_shape(k_cache);
+  const int64_t G = q_.size(1) / s.Hkv;
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_cache), v = last_dim_contiguous(v_cache);
   const std::vector<int64_t> len = lengths_of(cache_seqlens);
   RunTable rt;
@@ -208,13 +208,8 @@ at::Tensor sparse_decode_attention_cpu(const at::Tensor& q_, const at::Tensor& k
                                        const at::Tensor& cache_seqlens, const at::Tensor& block_keys_,
                                        int64_t block_size, int64_t topk, int64_t sink_blocks, int64_t local_blocks,
                                        c10::optional<double> scale) {
-  const char* op = "sparse_decode_attention";
-  const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
-  const int64_t G = check_query(op, q_, k_cache, s);
-  check_block_keys(op, block_keys_, k_cache, s, block_size, /*written=*/false);
-  check_budget(op, topk, sink_blocks, local_blocks);
-  TORCH_CHECK(k_cache.device().is_cpu(), "pyfast.", op, ": expected k_cache on the CPU, got ", k_cache.device());
-  check_seqlens_values(op, cache_seqlens, 1, s.Tmax);
+  const CacheShape s = cache_shape(k_cache);
+  const int64_t G = q_.size(1) / s.Hkv;
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_cache), v = last_dim_contiguous(v_cache);
   const at::Tensor block_keys = last_dim_contiguous(block_keys_);
   const CpuAttnArgs a = attn_args(q, k, v, G, scale);
@@ -241,9 +236,12 @@ at::Tensor sparse_decode_attention_cpu(const at::Tensor& q_, const at::Tensor& k
   return attend(a, rt, s.B, s.Hkv, q_);
 }
 
+namespace {
+
 // Writes the new tokens, refreshes the means of blocks that became full (summed in double, so the
 // result is the correctly rounded mean in the cache dtype for every practical block size), then
-// advances the lengths. All checks run first: nothing is written on bad input.
+// advances the lengths. The registry checked every argument (lengths included): nothing is
+// written on bad input.
 template <typename T>
 void append_typed(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_keys,
                   const std::vector<int64_t>& len, const at::Tensor& k_new, const at::Tensor& v_new, int64_t bs) {
@@ -277,30 +275,18 @@ void append_typed(const at::Tensor& k_cache, const at::Tensor& v_cache, const at
   });
 }
 
+}  // namespace
+
 void append_kv_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_keys,
                    const at::Tensor& cache_seqlens, const at::Tensor& k_new_, const at::Tensor& v_new_,
                    int64_t block_size) {
-  const char* op = "append_kv";
-  const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
-  check_block_keys(op, block_keys, k_cache, s, block_size, /*written=*/true);
-  TORCH_CHECK(k_cache.device().is_cpu(), "pyfast.", op, ": expected k_cache on the CPU, got ", k_cache.device());
-  const int64_t Tn = check_append(op, k_cache, v_cache, s, k_new_, v_new_);
-  check_written(op, {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"block_keys", &block_keys}, {"cache_seqlens", &cache_seqlens}});
-  check_seqlens_values(op, cache_seqlens, 0, s.Tmax - Tn);
+  const int64_t Tn = k_new_.size(2);
   const at::Tensor k_new = last_dim_contiguous(k_new_), v_new = last_dim_contiguous(v_new_);
   const std::vector<int64_t> len = lengths_of(cache_seqlens);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "append_kv", [&] {
     append_typed<scalar_t>(k_cache, v_cache, block_keys, len, k_new, v_new, block_size);
   });
   cache_seqlens.add_(Tn);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pyfast, CPU, m) {
-  m.impl("append_kv", &append_kv_cpu);
-  m.impl("decode_attention", &decode_attention_cpu);
-  m.impl("sparse_decode_attention", &sparse_decode_attention_cpu);
 }
 
 }  // namespace pyfast::sparse

@@ -1,21 +1,22 @@
-// CUDA implementations of torch.ops.pyfast.append_kv / decode_attention / sparse_decode_attention:
-// argument checks (sparse_checks.h, shared with the CPU kernels), dtype mapping, scratch allocation
-// and the launches. The device code (sparse_decode.cuh) and its launchers (sparse_cuda.cu) are
+// CUDA implementations of torch.ops.pyfast.append_kv / decode_attention / sparse_decode_attention
+// (arguments checked by the registry, pyfast/sparse/ops.py): the launchers' own size limits, dtype
+// mapping, scratch allocation and the launches. The device code (sparse_decode.cuh) and its launchers (sparse_cuda.cu) are
 // torch-free; this file is the only one that sees ATen.
 //
 // CUDA-graph safety: no host sync and no data-dependent allocation on the launch path. The
-// value check of cache_seqlens (a device-to-host read) runs only while the current stream is not
-// capturing; the kernels clamp lengths to [0, Tmax] (append skips a sequence that would overflow),
+// registry's value check of cache_seqlens (a device-to-host read) runs only while the current
+// stream is not capturing; the kernels clamp lengths to [0, Tmax] (append skips a sequence that would overflow),
 // so unchecked values cannot cause an out-of-bounds access. Scratch size depends on shapes only.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "common/alloc.h"
-#include "sparse/sparse_checks.h"
+#include "common/host.h"
+#include "kernels.h"
 #include "sparse/sparse_cuda.h"
+#include "sparse/sparse_shape.h"
 
 namespace pyfast {
 namespace sparse {
@@ -32,19 +33,12 @@ DType to_dtype(const char* op, at::ScalarType t) {
 
 Strides3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-void check_on_cuda(const char* op, const at::Tensor& k_cache) {
-  TORCH_CHECK(k_cache.is_cuda(), "pyfast.", op, ": expected k_cache on a CUDA device, got ", k_cache.device());
-}
-
 // Limits of the launchers (sparse_cuda.cu): B and Hkv index grid dims y / z, lengths are int.
 void check_cuda_limits(const char* op, const CacheShape& s) {
-  TORCH_CHECK(s.B <= 65535 && s.Hkv <= 65535 && s.Tmax <= INT32_MAX / 2, "pyfast.", op,
+  TORCH_CHECK_VALUE(s.B <= 65535 && s.Hkv <= 65535 && s.Tmax <= INT32_MAX / 2, "pyfast.", op,
               ": expected B <= 65535, Hkv <= 65535 and Tmax <= 2^30 on CUDA, got B = ", s.B, ", Hkv = ", s.Hkv,
               ", Tmax = ", s.Tmax);
 }
-
-// Device-to-host value checks are skipped while a CUDA graph is being captured.
-bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
 
 // Multiprocessors of the device (sets the split-K count; a cached driver attribute, no sync).
 int32_t sm_count(const char* op, const at::Device& device) {
@@ -58,20 +52,18 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "pyfast.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+}  // namespace
+
 void append_kv_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_keys,
                     const at::Tensor& cache_seqlens, const at::Tensor& k_new, const at::Tensor& v_new,
                     int64_t block_size) {
   const char* op = "append_kv";
-  const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
-  check_on_cuda(op, k_cache);
+  const CacheShape s = cache_shape(k_cache);
   check_cuda_limits(op, s);
-  check_block_keys(op, block_keys, k_cache, s, block_size, /*written=*/true);
-  const int64_t tn = check_append(op, k_cache, v_cache, s, k_new, v_new);
-  check_written(op, {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"block_keys", &block_keys}, {"cache_seqlens", &cache_seqlens}});
-  TORCH_CHECK(tn * s.D <= (int64_t{1} << 30), "pyfast.", op, ": expected k_new with Tn * D <= 2^30 on CUDA, got Tn = ", tn,
+  const int64_t tn = k_new.size(2);
+  TORCH_CHECK_VALUE(tn * s.D <= (int64_t{1} << 30), "pyfast.", op, ": expected k_new with Tn * D <= 2^30 on CUDA, got Tn = ", tn,
               ", D = ", s.D);
   const c10::cuda::CUDAGuard device_guard(k_cache.device());
-  if (!capturing()) check_seqlens_values(op, cache_seqlens, 0, s.Tmax - tn);
   if (tn == 0) return;
 
   const at::Tensor kn = last_dim_contiguous(k_new), vn = last_dim_contiguous(v_new);
@@ -97,28 +89,25 @@ void append_kv_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
   check_launch(op, launch_append_kv(p, c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+namespace {
+
 // Shared by both attention ops: block_keys undefined = dense decode.
 at::Tensor decode_cuda(const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& cache_seqlens, const at::Tensor& block_keys, int64_t block_size, int64_t topk,
                        int64_t sink_blocks, int64_t local_blocks, const c10::optional<double>& scale) {
-  const CacheShape s = check_cache(op, k_cache, v_cache, cache_seqlens);
-  check_query(op, q, k_cache, s);
+  const CacheShape s = cache_shape(k_cache);
   const bool sparse = block_keys.defined();
   if (sparse) {
-    check_block_keys(op, block_keys, k_cache, s, block_size, /*written=*/false);
-    check_budget(op, topk, sink_blocks, local_blocks);
-    TORCH_CHECK(block_size <= (int64_t{1} << 30), "pyfast.", op, ": expected block_size <= 2^30 on CUDA, got ",
+    TORCH_CHECK_VALUE(block_size <= (int64_t{1} << 30), "pyfast.", op, ": expected block_size <= 2^30 on CUDA, got ",
                 block_size);
   }
-  check_on_cuda(op, k_cache);
   check_cuda_limits(op, s);
-  TORCH_CHECK(s.D <= kMaxHeadDim, "pyfast.", op, ": expected head dim D <= ", kMaxHeadDim, " on CUDA, got ", s.D);
+  TORCH_CHECK_VALUE(s.D <= kMaxHeadDim, "pyfast.", op, ": expected head dim D <= ", kMaxHeadDim, " on CUDA, got ", s.D);
   // One CTA serves up to kMaxHeadsPerCta query heads of a KV head: grid axis 1 holds Hkv * head chunks.
   const int64_t head_chunks = (q.size(1) / s.Hkv + kMaxHeadsPerCta - 1) / kMaxHeadsPerCta;
-  TORCH_CHECK(s.Hkv * head_chunks <= 65535, "pyfast.", op, ": expected Hkv * ceil((Hq / Hkv) / ", kMaxHeadsPerCta,
+  TORCH_CHECK_VALUE(s.Hkv * head_chunks <= 65535, "pyfast.", op, ": expected Hkv * ceil((Hq / Hkv) / ", kMaxHeadsPerCta,
               ") <= 65535 on CUDA, got Hq = ", q.size(1), ", Hkv = ", s.Hkv);
   const c10::cuda::CUDAGuard device_guard(k_cache.device());
-  if (!capturing()) check_seqlens_values(op, cache_seqlens, 1, s.Tmax);
 
   // Only the last dim needs stride 1; anything else is handled through strides.
   const at::Tensor q2 = last_dim_contiguous(q), k2 = last_dim_contiguous(k_cache), v2 = last_dim_contiguous(v_cache);
@@ -159,6 +148,8 @@ at::Tensor decode_cuda(const char* op, const at::Tensor& q, const at::Tensor& k_
   return out;
 }
 
+}  // namespace
+
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& cache_seqlens, const c10::optional<double> scale) {
   return decode_cuda("decode_attention", q, k_cache, v_cache, cache_seqlens, at::Tensor(), 1, 0, 0, 0, scale);
@@ -172,12 +163,5 @@ at::Tensor sparse_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k
                      sink_blocks, local_blocks, scale);
 }
 
-}  // namespace
 }  // namespace sparse
 }  // namespace pyfast
-
-TORCH_LIBRARY_IMPL(pyfast, CUDA, m) {
-  m.impl("append_kv", &pyfast::sparse::append_kv_cuda);
-  m.impl("decode_attention", &pyfast::sparse::decode_attention_cuda);
-  m.impl("sparse_decode_attention", &pyfast::sparse::sparse_decode_attention_cuda);
-}

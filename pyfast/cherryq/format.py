@@ -143,3 +143,20 @@ def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     else:
         codes = _unpack_plane(w, bits)
     return codes.reshape(n, -1)
+
+
+def codes_at(qweight: torch.Tensor, bits: int, cols: torch.Tensor) -> torch.Tensor:
+    """The codes of row n at columns cols[n, :] (int64 [N, C]), read straight from the bit layout
+    above without unpacking the whole row."""
+    cols = cols.to(torch.int64)
+    pack, i = cols // PACK, cols % PACK
+    per_word = 32 // (2 if bits == 3 else bits)  # codes per word of the low plane
+    width = 2 if bits == 3 else bits
+
+    def word(j: torch.Tensor) -> torch.Tensor:
+        return torch.gather(qweight, 1, j).to(torch.int64) & 0xFFFFFFFF
+
+    code = (word(pack * bits + i // per_word) >> (width * (i % per_word))) & ((1 << width) - 1)
+    if bits == 3:
+        code |= ((word(pack * bits + 2) >> i) & 1) << 2
+    return code

@@ -1,75 +1,100 @@
-"""cherryq_matmul: the public function, backend dispatch, fake impls and autograd.
+"""cherryq_matmul: its declaration in the op registry (rules, fake, autograd, backends) and the
+public function.
 
 Implementations: "cpu" (C++, csrc/cherryq/cherryq_cpu.cpp), "cuda" (CUDA C++ GEMV,
 csrc/cherryq/cherryq_cuda.cu), "triton" (kernels/cherryq.py: split-K GEMV and tensor-core
-GEMM), "reference" (pyfast/reference/cherryq.py, float64).
+GEMM), "reference" (pyfast/reference/cherryq.py, float64). Storage format: pyfast/cherryq/format.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pyfast import _ops  # noqa: F401  (registers torch.ops.pyfast.*)
-from pyfast._validate import FLOAT_DTYPES, check_backend, check_tensor, fail
-from pyfast.cherryq.format import PACK, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CherryQWeight
+from pyfast import _ops, _registry
+from pyfast._validate import FLOAT_DTYPES, check_choice, check_tensor, fail, fail_type
+from pyfast.cherryq.format import PACK, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CherryQWeight, codes_at
 from pyfast.reference import cherryq as reference
 
 OP = "cherryq_matmul"
 GEMV_MAX_ROWS = 8  # above this many rows of x, CUDA devices use the Triton tensor-core GEMM
-_CUDA_KERNELS = _ops.has_cuda_kernels()
 
 
-def _signature(qw: CherryQWeight) -> tuple:
-    return (qw.bits, qw.group_size, *((t.dtype, t.shape, t.device) for t in qw.tensors()))
+# ---------------------------------------------------------------------------------------------
+# Rules of a packed weight (shared with cherryq_dequantize)
+# ---------------------------------------------------------------------------------------------
+def check_packed(op: str, qweight, scales, zeros, cherry_idx, cherry_val, bits, group_size) -> tuple[int, int]:
+    """The five tensors of a CherryQ weight agree with each other and with (bits, group_size);
+    metadata only. Returns (N, K)."""
+    check_choice(op, "bits", bits, SUPPORTED_BITS)
+    check_choice(op, "group_size", group_size, SUPPORTED_GROUP_SIZES)
+    check_tensor(op, "scales", scales, dtypes=(torch.float16,), ndim=2)
+    n, g = scales.shape
+    if g < 1:
+        fail(op, "scales", "[N, K / group_size] with at least one group (K >= group_size)", f"shape {list(scales.shape)}")
+    k = g * group_size
+    check_tensor(op, "qweight", qweight, dtypes=(torch.int32,), shape=(n, k // PACK * bits))
+    check_tensor(op, "zeros", zeros, dtypes=(torch.float16,), shape=(n, g))
+    check_tensor(op, "cherry_idx", cherry_idx, dtypes=(torch.int32,), ndim=2)
+    check_tensor(op, "cherry_idx", cherry_idx, shape=(n, None))
+    check_tensor(op, "cherry_val", cherry_val, dtypes=(torch.float16,), shape=(n, cherry_idx.shape[1]))
+    packed = (qweight, scales, zeros, cherry_idx, cherry_val)
+    if not all(t.is_contiguous() for t in packed):  # kernels read them as flat row-major arrays
+        for name, t in zip(("qweight", "scales", "zeros", "cherry_idx", "cherry_val"), packed):
+            if not t.is_contiguous():
+                fail(op, name, "contiguous (a packed weight tensor)", f"strides {list(t.stride())}")
+    return n, k
 
 
-def check_weight(op: str, qw) -> None:
-    """A CherryQWeight whose five tensors agree with each other (see pyfast.cherryq.format).
-    A weight that passed keeps the signature (dtypes, shapes, devices, bits, group size) it
-    passed with, so a decode loop pays a tuple compare per call instead of the full check; any
-    change to a tensor's dtype, shape or device (or a replaced tensor) checks it again."""
+def check_packed_data(op: str, qweight, cherry_idx, bits: int, k: int) -> None:
+    """Each row's cherry columns are in [0, K) and strictly ascending (no duplicates), and the packed
+    code under each cherry is 0 (kernels add a cherry as a fix-up on top of code 0). Reads the
+    indices once per weight: the result is remembered on cherry_idx until it or qweight changes."""
+    if cherry_idx.numel() == 0:
+        return
+    key = (qweight.data_ptr(), qweight._version, cherry_idx._version, bits, k)
+    if cherry_idx.__dict__.get("_pyfast_checked") == key:
+        return
+    idx = cherry_idx.to(torch.int64)
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(idx)).tolist())
+    if lo < 0 or hi >= k:
+        fail(op, "cherry_idx", f"column indices in [0, {k})", f"values in [{lo}, {hi}]")
+    if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+        fail(op, "cherry_idx", "strictly ascending in every row (no duplicate cherries)", "a row that is not")
+    if bool(codes_at(qweight, bits, idx).any()):
+        fail(op, "qweight", "code 0 under every cherry (the format of pyfast.cherryq.format)", "a non-zero code")
+    cherry_idx.__dict__["_pyfast_checked"] = key
+
+
+def check_weight(op: str, qw) -> tuple[int, int]:
+    """A CherryQWeight whose tensors follow every rule above. Returns (N, K)."""
     if not isinstance(qw, CherryQWeight):
-        fail(op, "qweight", "a CherryQWeight (from pyfast.cherryq_quantize)", type(qw).__name__)
-    if torch.compiler.is_compiling():  # traced once per graph: check in full, keep no state
-        _check_weight_fields(op, qw)
-        return
-    signature = _signature(qw)
-    if qw.__dict__.get("_checked") == signature:
-        return
-    _check_weight_fields(op, qw)
-    qw.__dict__["_checked"] = signature
+        fail_type(op, "qw", "a CherryQWeight (from pyfast.cherryq_quantize)", type(qw).__name__)
+    n, k = check_packed(op, *qw.tensors(), qw.bits, qw.group_size)
+    devices = {t.device for t in qw.tensors()}
+    if len(devices) > 1:
+        fail(op, "qw", "tensors on one device", sorted(map(str, devices)))
+    check_packed_data(op, qw.qweight, qw.cherry_idx, qw.bits, k)
+    return n, k
 
 
-def _check_weight_fields(op: str, qw: CherryQWeight) -> None:
-    if qw.bits not in SUPPORTED_BITS:
-        fail(op, "qw.bits", f"one of {SUPPORTED_BITS}", qw.bits)
-    if qw.group_size not in SUPPORTED_GROUP_SIZES:
-        fail(op, "qw.group_size", f"one of {SUPPORTED_GROUP_SIZES}", qw.group_size)
-    check_tensor(op, "qw.scales", qw.scales, dtypes=(torch.float16,), ndim=2)
-    n, g = qw.scales.shape
-    k = g * qw.group_size
-    dev = qw.scales.device
-    check_tensor(op, "qw.qweight", qw.qweight, dtypes=(torch.int32,), shape=(n, k // PACK * qw.bits), device=dev)
-    check_tensor(op, "qw.zeros", qw.zeros, dtypes=(torch.float16,), shape=(n, g), device=dev)
-    check_tensor(op, "qw.cherry_idx", qw.cherry_idx, dtypes=(torch.int32,), ndim=2, device=dev)
-    c = qw.cherry_idx.shape[1]
-    check_tensor(op, "qw.cherry_idx", qw.cherry_idx, shape=(n, c))
-    check_tensor(op, "qw.cherry_val", qw.cherry_val, dtypes=(torch.float16,), shape=(n, c), device=dev)
-
-
-def check_matmul_args(x, qw, bias) -> None:
-    check_weight(OP, qw)
-    n, k = qw.shape
-    check_tensor(OP, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1, device=qw.device)
+# ---------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------
+def _check(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size) -> None:
+    n, k = check_packed(OP, qweight, scales, zeros, cherry_idx, cherry_val, bits, group_size)
+    check_tensor(OP, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     if x.shape[-1] != k:
         fail(OP, "x.shape[-1]", f"== in_features = {k}", f"shape {list(x.shape)}")
     if bias is not None:
-        check_tensor(OP, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), device=qw.device)
+        check_tensor(OP, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,))
 
 
-def _dense_weight(qweight, scales, zeros, cherry_idx, cherry_val, bits, group_size) -> torch.Tensor:
-    qw = CherryQWeight(qweight, scales, zeros, cherry_idx, cherry_val, bits, group_size)
-    return reference.dequantize(qw, torch.float32)
+def _check_data(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size) -> None:
+    check_packed_data(OP, qweight, cherry_idx, bits, scales.shape[1] * group_size)
+
+
+def _fake(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -84,43 +109,49 @@ def _backward(ctx, grad):
     bits, group_size, dtype, bias_dtype = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = _dense_weight(*ctx.saved_tensors, bits, group_size)
+        w = reference.dequantize(CherryQWeight(*ctx.saved_tensors, bits, group_size), torch.float32)
         grad_x = (grad.float() @ w).to(dtype)
     if bias_dtype is not None and ctx.needs_input_grad[6]:
         grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
     return grad_x, None, None, None, None, None, grad_bias, None, None
 
 
-def _fake(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-
-@torch.library.custom_op("pyfast::cherryq_matmul_triton", mutates_args=())
-def cherryq_matmul_triton(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    cherry_idx: torch.Tensor,
-    cherry_val: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
-    """Triton implementation of torch.ops.pyfast.cherryq_matmul (same schema)."""
+def _triton(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size):
     from pyfast.kernels.cherryq import cherryq_matmul_triton as launch
 
-    x2d = x.reshape(-1, x.shape[-1])
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    y = launch(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size)
+    y = launch(x.reshape(-1, x.shape[-1]), qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
-torch.library.register_fake("pyfast::cherryq_matmul")(_fake)
-cherryq_matmul_triton.register_fake(_fake)
-for _op in ("pyfast::cherryq_matmul", "pyfast::cherryq_matmul_triton"):
-    torch.library.register_autograd(_op, _backward, setup_context=_setup_context)
+def _reference(x, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size):
+    return reference.matmul(x, CherryQWeight(qweight, scales, zeros, cherry_idx, cherry_val, bits, group_size), bias)
+
+
+def _default_cuda(x, *args) -> str:
+    """The CUDA C++ GEMV up to GEMV_MAX_ROWS rows of x, the Triton tensor-core GEMM above (and
+    wherever the build has no CUDA kernels)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if _ops.has_cuda_kernels() and (rows <= GEMV_MAX_ROWS or not _ops.has_triton()):
+        return "cuda"
+    return "triton" if _ops.has_triton() else "cuda"
+
+
+CHERRYQ_MATMUL = _registry.define(_registry.OpDef(
+    name=OP,
+    schema="(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor cherry_idx, Tensor cherry_val, "
+           "Tensor? bias, int bits, int group_size) -> Tensor",
+    check=_check,
+    check_data=_check_data,
+    fake=_fake,
+    autograd=_registry.Autograd(_backward, _setup_context),
+    impls={
+        "cpu": lambda *a: _ops.kernel("cherryq_matmul_cpu")(*a),
+        "cuda": lambda *a: _ops.kernel("cherryq_matmul_cuda")(*a),
+        "triton": _triton,
+        "reference": _reference,
+    },
+    default_cuda=_default_cuda,
+))
 
 
 def cherryq_matmul(
@@ -129,26 +160,17 @@ def cherryq_matmul(
     """y [..., N] = x [..., K] @ dequantize(qw).T + bias, accumulated in fp32, returned in x.dtype.
 
     x: float32/float16/bfloat16 [..., K] (strided views accepted); qw: a CherryQWeight of shape
-    [N, K] on x's device; bias: [N] or None. Differentiable in x.
+    [N, K] on x's device; bias: [N] or None. Differentiable in x (and bias).
     backend: None (the device's fastest: C++ on CPU; on CUDA the CUDA GEMV for up to 8 rows of x
-    and the Triton tensor-core GEMM above), "cpu", "cuda", "triton" or "reference".
+    and the Triton tensor-core GEMM above, as torch.ops.pyfast.cherryq_matmul), "cpu", "cuda",
+    "triton" or "reference".
 
     Example:
         >>> qw = pyfast.cherryq_quantize(torch.randn(512, 1024), bits=3)
-        >>> y = pyfast.cherryq_matmul(torch.randn(2, 1024), qw)      # [2, 512]
-        >>> torch.testing.assert_close(y, torch.randn(2, 1024) @ pyfast.cherryq_dequantize(qw).T)  # up to x
+        >>> x = torch.randn(2, 1024)
+        >>> y = pyfast.cherryq_matmul(x, qw)                                  # [2, 512]
+        >>> torch.testing.assert_close(y, x @ pyfast.cherryq_dequantize(qw).T, rtol=1e-4, atol=1e-4)
     """
-    check_matmul_args(x, qw, bias)
-    chosen = check_backend(OP, backend, x.device)
-    if chosen == "cuda" and not _CUDA_KERNELS:
-        if backend == "cuda" or not _ops.has_triton():
-            fail(OP, "backend", "'cuda' only in a build with the CUDA kernels (rebuild with nvcc present)", "a CPU-only build")
-        chosen = "triton"
-    if backend is None and chosen == "cuda" and x.numel() // max(x.shape[-1], 1) > GEMV_MAX_ROWS and _ops.has_triton():
-        chosen = "triton"
-    if chosen == "reference":
-        return reference.matmul(x, qw, bias)
-    args = (x, *qw.tensors(), bias, qw.bits, qw.group_size)
-    if chosen == "triton":
-        return torch.ops.pyfast.cherryq_matmul_triton(*args)
-    return torch.ops.pyfast.cherryq_matmul(*args)
+    if not isinstance(qw, CherryQWeight):
+        fail_type(OP, "qw", "a CherryQWeight (from pyfast.cherryq_quantize)", type(qw).__name__)
+    return CHERRYQ_MATMUL.call(x, *qw.tensors(), bias, qw.bits, qw.group_size, backend=backend)

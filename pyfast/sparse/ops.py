@@ -1,8 +1,8 @@
 """Sparse decoding ops: append_kv, decode_attention, sparse_decode_attention.
 
-Public functions check their arguments (one helper per concept below), pick a backend and call
-torch.ops.pyfast.* (C++ on CPU, CUDA C++ on GPUs) or the Triton custom ops registered here.
-Implementations: "cpu" (csrc/sparse/sparse_cpu.cpp), "cuda" (csrc/sparse/sparse_cuda.cu),
+Each op is declared once in the op registry (pyfast/_registry.py) below: its rules (one helper
+per concept), fake impl and backends. The public functions bind the Python arguments and call the
+op. Implementations: "cpu" (csrc/sparse/sparse_cpu.cpp), "cuda" (csrc/sparse/sparse_cuda.cu),
 "triton" (kernels/sparse.py), "reference" (pyfast/reference/sparse.py, float64).
 Layouts and the selection rule: pyfast/reference/sparse.py.
 """
@@ -11,75 +11,48 @@ from __future__ import annotations
 
 import torch
 
-from pyfast import _ops  # noqa: F401  (registers torch.ops.pyfast.*)
-from pyfast._validate import FLOAT_DTYPES, check_backend, check_int, check_tensor, fail
+from pyfast import _ops, _registry
+from pyfast._validate import FLOAT_DTYPES, check_int, check_tensor, fail
 from pyfast.reference import sparse as reference
 
-_CUDA_KERNELS = _ops.has_cuda_kernels()
-
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks (one per concept; every public function and every backend goes through them)
+# Rules (one helper per concept)
 # ---------------------------------------------------------------------------------------------
 def check_cache(op: str, k_cache, v_cache, cache_seqlens) -> tuple[int, int, int, int]:
-    """k_cache/v_cache [B, Hkv, Tmax, D] of one float dtype and device, cache_seqlens int32 [B]."""
+    """k_cache/v_cache [B, Hkv, Tmax, D] of one float dtype, cache_seqlens int32 [B] contiguous."""
     check_tensor(op, "k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
     b, hkv, tmax, d = k_cache.shape
     if min(b, hkv, tmax, d) < 1:
         fail(op, "k_cache", "non-empty [B, Hkv, Tmax, D]", f"shape {list(k_cache.shape)}")
-    check_tensor(op, "v_cache", v_cache, dtypes=(k_cache.dtype,), shape=(b, hkv, tmax, d), device=k_cache.device)
-    check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(b,), device=k_cache.device)
+    check_tensor(op, "v_cache", v_cache, dtypes=(k_cache.dtype,), shape=(b, hkv, tmax, d))
+    check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(b,))
     if b > 1 and cache_seqlens.stride(0) != 1:  # kernels index it as a plain int32 array
         fail(op, "cache_seqlens", "contiguous", f"stride {cache_seqlens.stride()}")
     return b, hkv, tmax, d
 
 
-def check_block_keys(op: str, block_keys, k_cache, block_size: int, *, written: bool = False) -> None:
-    """block_keys [B, Hkv, Tmax // block_size, D] in the cache's dtype; written in place (append)
-    it needs a unit last stride, read-only it is copied otherwise."""
+def check_unit_last_stride(op: str, name: str, t) -> None:
+    """A tensor written in place needs stride 1 in its last dim (read-only ones are copied)."""
+    if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        fail(op, name, "with stride 1 in its last dim (it is written in place)", f"strides {list(t.stride())}")
+
+
+def check_block_keys(op: str, block_keys, k_cache, block_size: int) -> None:
+    """block_keys [B, Hkv, Tmax // block_size, D] in the cache's dtype."""
     check_int(op, "block_size", block_size, minimum=1)
     b, hkv, tmax, d = k_cache.shape
-    check_tensor(op, "block_keys", block_keys, dtypes=(k_cache.dtype,), shape=(b, hkv, tmax // block_size, d),
-                 device=k_cache.device)
-    if written and block_keys.numel() and block_keys.stride(-1) != 1:
-        fail(op, "block_keys", "with stride 1 in its last dim (it is written in place)", f"strides {block_keys.stride()}")
+    check_tensor(op, "block_keys", block_keys, dtypes=(k_cache.dtype,), shape=(b, hkv, tmax // block_size, d))
 
 
 def check_query(op: str, q, k_cache) -> None:
-    """q [B, Hq, D] in the cache's dtype with Hq a multiple of Hkv."""
+    """q [B, Hq, D] in the cache's dtype with Hq a positive multiple of Hkv."""
     b, hkv, _, d = k_cache.shape
-    check_tensor(op, "q", q, dtypes=(k_cache.dtype,), ndim=3, device=k_cache.device)
+    check_tensor(op, "q", q, dtypes=(k_cache.dtype,), ndim=3)
     if q.shape[0] != b or q.shape[2] != d:
         fail(op, "q", f"shape [{b}, Hq, {d}] (batch and head dim of k_cache)", f"shape {list(q.shape)}")
     if q.shape[1] < 1 or q.shape[1] % hkv:
         fail(op, "q.shape[1] (Hq)", f"a positive multiple of Hkv = {hkv}", q.shape[1])
-
-
-def _host_checks_allowed(t: torch.Tensor) -> bool:
-    """Value checks read cache_seqlens on the host; skipped while torch.compile traces (the C++
-    ops repeat them at run time) and while a CUDA graph is being captured (the kernels clamp
-    lengths to [0, Tmax], so nothing is read or written out of bounds)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def check_seqlens(op: str, cache_seqlens, tmax: int, *, lo: int = 1, hi: int | None = None) -> None:
-    """lo <= cache_seqlens[b] <= hi (default Tmax) for every sequence. One device-to-host read
-    (eager mode only). The C++ ops run the same check themselves; this one serves the Triton and
-    reference implementations."""
-    hi = tmax if hi is None else hi
-    if cache_seqlens.numel() and _host_checks_allowed(cache_seqlens):
-        mn, mx = torch.stack(torch.aminmax(cache_seqlens)).tolist()
-        if mn < lo or mx > hi:
-            fail(op, "cache_seqlens", f"in [{lo}, {hi}]", f"values in [{mn}, {mx}]")
-
-
-def check_written(op: str, **tensors) -> None:
-    """Tensors written in place must not have elements that share memory (e.g. expand() views)."""
-    for name, t in tensors.items():
-        if torch._debug_has_internal_overlap(t) == 1:  # 1 = YES (2 = too hard to tell: allowed)
-            fail(op, name, "without overlapping elements (it is written in place)", f"strides {t.stride()}")
 
 
 def check_budget(op: str, topk: int, sink_blocks: int, local_blocks: int) -> None:
@@ -87,98 +60,129 @@ def check_budget(op: str, topk: int, sink_blocks: int, local_blocks: int) -> Non
         check_int(op, name, v, minimum=0)
 
 
-def check_scale(op: str, scale) -> None:
-    if scale is not None and not isinstance(scale, (int, float)):
-        fail(op, "scale", "a float or None", type(scale).__name__)
-
-
-def _check_here(chosen: str, cache_seqlens) -> bool:
-    """Whether the public function checks cache_seqlens values itself (a ValueError before any
-    kernel): always on the CPU (free) and for the reference; on GPUs the op checks them once
-    (C++ host code, or the Triton op body) so eager decode pays a single device-to-host read."""
-    return chosen == "reference" or not cache_seqlens.is_cuda
+def check_seqlens(op: str, cache_seqlens, lo: int, hi: int) -> None:
+    """lo <= cache_seqlens[b] <= hi for every sequence: one device-to-host read. The registry runs
+    it in eager mode; during CUDA-graph capture the kernels clamp lengths to [0, Tmax] instead."""
+    if cache_seqlens.numel() <= 8 and cache_seqlens.device.type == "cpu":
+        values = cache_seqlens.tolist()
+        mn, mx = min(values), max(values)
+    else:
+        mn, mx = torch.stack(torch.aminmax(cache_seqlens)).tolist()
+    if mn < lo or mx > hi:
+        fail(op, "cache_seqlens", f"in [{lo}, {hi}]", f"values in [{mn}, {mx}]")
 
 
 CUDA_MAX_HEAD_DIM = 256  # the CUDA C++ kernels' head-dim buckets end here; Triton takes any D
 
 
-def _resolve(op: str, backend: str | None, device: torch.device, head_dim: int) -> str:
-    chosen = check_backend(op, backend, device)
-    if chosen == "cuda" and backend is None and _ops.has_triton() and (
-        not _CUDA_KERNELS or head_dim > CUDA_MAX_HEAD_DIM
-    ):
-        return "triton"
-    if chosen == "cuda" and not _CUDA_KERNELS:
-        fail(op, "backend", "'cuda' only in a build with the CUDA kernels (rebuild with nvcc present)", "a CPU-only build")
-    return chosen
+def _default_cuda(*args) -> str:
+    """CUDA C++ where the build has it and D fits its buckets, else Triton."""
+    head_dim = args[0].shape[-1]  # q (decode ops) or k_cache (append_kv): D is the last dim of both
+    if _ops.has_cuda_kernels() and (head_dim <= CUDA_MAX_HEAD_DIM or not _ops.has_triton()):
+        return "cuda"
+    return "triton" if _ops.has_triton() else "cuda"
+
+
+def _kernels(name: str) -> dict:
+    """The C++ entry points and the Triton launcher of op `name`."""
+
+    def triton(*args):
+        from pyfast.kernels import sparse as launchers
+
+        return getattr(launchers, name)(*args)
+
+    return {
+        "cpu": lambda *a: _ops.kernel(f"{name}_cpu")(*a),
+        "cuda": lambda *a: _ops.kernel(f"{name}_cuda")(*a),
+        "triton": triton,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton custom ops (same schemas as the C++ ones in csrc/ops.cpp) and fake impls
+# append_kv
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("pyfast::append_kv_triton", mutates_args=("k_cache", "v_cache", "block_keys", "cache_seqlens"))
-def append_kv_triton(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_keys: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    block_size: int,
-) -> None:
-    """Triton implementation of torch.ops.pyfast.append_kv."""
-    from pyfast.kernels.sparse import append_kv as launch
-
-    check_seqlens("append_kv", cache_seqlens, k_cache.shape[2], lo=0, hi=k_cache.shape[2] - k_new.shape[2])
-    launch(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size)
-
-
-@torch.library.custom_op("pyfast::decode_attention_triton", mutates_args=())
-def decode_attention_triton(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float | None
-) -> torch.Tensor:
-    """Triton implementation of torch.ops.pyfast.decode_attention."""
-    from pyfast.kernels.sparse import decode_attention as launch
-
-    check_seqlens("decode_attention", cache_seqlens, k_cache.shape[2])
-    return launch(q, k_cache, v_cache, cache_seqlens, scale)
+def _check_append(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size) -> None:
+    APPEND_KV.call(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size, backend=backend)
+def _check_append(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size) -> None:
+    op = "append_kv"
+    b, hkv, tmax, d = check_cache(op, k_cache, v_cache, cache_seqlens)
+    check_unit_last_stride(op, "k_cache", k_cache)
+    check_unit_last_stride(op, "v_cache", v_cache)
+    check_block_keys(op, block_keys, k_cache, block_size)
+    check_unit_last_stride(op, "block_keys", block_keys)
+    check_tensor(op, "k_new", k_new, dtypes=(k_cache.dtype,), shape=(b, hkv, None, d))
+    tn = k_new.shape[2]
+    check_tensor(op, "v_new", v_new, dtypes=(k_cache.dtype,), shape=(b, hkv, tn, d))
+    if tn > tmax:
+        fail(op, "k_new", f"at most Tmax = {tmax} new tokens (k_new.shape[2])", f"shape {list(k_new.shape)}")
 
 
-@torch.library.custom_op("pyfast::sparse_decode_attention_triton", mutates_args=())
-def sparse_decode_attention_triton(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    block_keys: torch.Tensor,
-    block_size: int,
-    topk: int,
-    sink_blocks: int,
-    local_blocks: int,
-    scale: float | None,
-) -> torch.Tensor:
-    """Triton implementation of torch.ops.pyfast.sparse_decode_attention."""
-    from pyfast.kernels.sparse import sparse_decode_attention as launch
-
-    check_seqlens("sparse_decode_attention", cache_seqlens, k_cache.shape[2])
-    return launch(q, k_cache, v_cache, cache_seqlens, block_keys, block_size, topk, sink_blocks, local_blocks, scale)
+def _check_append_data(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size) -> None:
+    check_seqlens("append_kv", cache_seqlens, 0, k_cache.shape[2] - k_new.shape[2])
 
 
-def _fake_append(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size):
-    return None
+APPEND_KV = _registry.define(_registry.OpDef(
+    name="append_kv",
+    schema="(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) block_keys, Tensor(d!) cache_seqlens, "
+           "Tensor k_new, Tensor v_new, int block_size) -> ()",
+    check=_check_append,
+    check_data=_check_append_data,
+    fake=lambda *args: None,
+    impls={**_kernels("append_kv"), "reference": lambda *a: reference.append_kv(*a[:-1], block_size=a[-1])},
+    default_cuda=_default_cuda,
+))
 
 
-def _fake_decode(q, k_cache, v_cache, cache_seqlens, *rest):
+# ---------------------------------------------------------------------------------------------
+# decode_attention, sparse_decode_attention
+# ---------------------------------------------------------------------------------------------
+def _check_decode(q, k_cache, v_cache, cache_seqlens, scale) -> None:
+    check_cache("decode_attention", k_cache, v_cache, cache_seqlens)
+    check_query("decode_attention", q, k_cache)
+
+
+def _check_sparse(q, k_cache, v_cache, cache_seqlens, block_keys, block_size, topk, sink_blocks, local_blocks,
+                  scale) -> None:
+    op = "sparse_decode_attention"
+    check_cache(op, k_cache, v_cache, cache_seqlens)
+    check_query(op, q, k_cache)
+    check_block_keys(op, block_keys, k_cache, block_size)
+    check_budget(op, topk, sink_blocks, local_blocks)
+
+
+def _fake_decode(q, *args):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-for _name, _fake in (
-    ("append_kv", _fake_append),
-    ("decode_attention", _fake_decode),
-    ("sparse_decode_attention", _fake_decode),
-):
-    torch.library.register_fake(f"pyfast::{_name}")(_fake)
-    torch.library.register_fake(f"pyfast::{_name}_triton")(_fake)
+DECODE_ATTENTION = _registry.define(_registry.OpDef(
+    name="decode_attention",
+    schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float? scale) -> Tensor",
+    check=_check_decode,
+    check_data=lambda q, k_cache, v_cache, cache_seqlens, scale: check_seqlens(
+        "decode_attention", cache_seqlens, 1, k_cache.shape[2]),
+    fake=_fake_decode,
+    impls={**_kernels("decode_attention"), "reference": lambda *a: reference.decode_attention(*a[:-1], scale=a[-1])},
+    default_cuda=_default_cuda,
+))
+
+
+def _sparse_reference(q, k_cache, v_cache, cache_seqlens, block_keys, block_size, topk, sink_blocks, local_blocks,
+                      scale):
+    return reference.sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, block_size=block_size,
+                                             topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks, scale=scale)
+
+
+SPARSE_DECODE_ATTENTION = _registry.define(_registry.OpDef(
+    name="sparse_decode_attention",
+    schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor block_keys, int block_size, "
+           "int topk, int sink_blocks, int local_blocks, float? scale) -> Tensor",
+    check=_check_sparse,
+    check_data=lambda q, k_cache, v_cache, cache_seqlens, *rest: check_seqlens(
+        "sparse_decode_attention", cache_seqlens, 1, k_cache.shape[2]),
+    fake=_fake_decode,
+    impls={**_kernels("sparse_decode_attention"), "reference": _sparse_reference},
+    default_cuda=_default_cuda,
+))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,25 +214,7 @@ def append_kv(
         >>> n                                       # bk[:, :, 0] is now the mean of the first 16 keys
         tensor([20], dtype=torch.int32)
     """
-    op = "append_kv"
-    b, hkv, tmax, d = check_cache(op, k_cache, v_cache, cache_seqlens)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            fail(op, name, "with stride 1 in its last dim (it is written in place)", f"strides {t.stride()}")
-    check_block_keys(op, block_keys, k_cache, block_size, written=True)
-    check_written(op, k_cache=k_cache, v_cache=v_cache, block_keys=block_keys, cache_seqlens=cache_seqlens)
-    check_tensor(op, "k_new", k_new, dtypes=(k_cache.dtype,), shape=(b, hkv, None, d), device=k_cache.device)
-    tn = k_new.shape[2]
-    check_tensor(op, "v_new", v_new, dtypes=(k_cache.dtype,), shape=(b, hkv, tn, d), device=k_cache.device)
-    chosen = _resolve(op, backend, k_cache.device, d)
-    if _check_here(chosen, cache_seqlens):
-        check_seqlens(op, cache_seqlens, tmax, lo=0, hi=tmax - tn)
-    if chosen == "reference":
-        reference.append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size=block_size)
-    elif chosen == "triton":
-        torch.ops.pyfast.append_kv_triton(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size)
-    else:
-        torch.ops.pyfast.append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size)
+    APPEND_KV.call(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size, backend=backend)
 
 
 def decode_attention(
@@ -251,17 +237,7 @@ def decode_attention(
         >>> k = torch.randn(2, 2, 100, 64); v = torch.randn_like(k); q = torch.randn(2, 8, 64)
         >>> o = pyfast.decode_attention(q, k, v, torch.tensor([100, 37], dtype=torch.int32))  # [2, 8, 64]
     """
-    op = "decode_attention"
-    _, _, tmax, _ = check_cache(op, k_cache, v_cache, cache_seqlens)
-    check_query(op, q, k_cache)
-    check_scale(op, scale)
-    chosen = _resolve(op, backend, q.device, q.shape[-1])
-    if _check_here(chosen, cache_seqlens):
-        check_seqlens(op, cache_seqlens, tmax)
-    if chosen == "reference":
-        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
-    fn = torch.ops.pyfast.decode_attention_triton if chosen == "triton" else torch.ops.pyfast.decode_attention
-    return fn(q, k_cache, v_cache, cache_seqlens, None if scale is None else float(scale))
+    return DECODE_ATTENTION.call(q, k_cache, v_cache, cache_seqlens, scale, backend=backend)
 
 
 def sparse_decode_attention(
@@ -300,22 +276,5 @@ def sparse_decode_attention(
         >>> bool((o - pyfast.decode_attention(q, k, v, n)).abs().max() > 1e-3)  # not dense attention
         True
     """
-    op = "sparse_decode_attention"
-    _, _, tmax, _ = check_cache(op, k_cache, v_cache, cache_seqlens)
-    check_query(op, q, k_cache)
-    check_block_keys(op, block_keys, k_cache, block_size)
-    check_budget(op, topk, sink_blocks, local_blocks)
-    check_scale(op, scale)
-    chosen = _resolve(op, backend, q.device, q.shape[-1])
-    opts = dict(block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks)
-    if _check_here(chosen, cache_seqlens):
-        check_seqlens(op, cache_seqlens, tmax)
-    if chosen == "reference":
-        return reference.sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, scale=scale, **opts)
-    fn = (
-        torch.ops.pyfast.sparse_decode_attention_triton
-        if chosen == "triton"
-        else torch.ops.pyfast.sparse_decode_attention
-    )
-    return fn(q, k_cache, v_cache, cache_seqlens, block_keys, block_size, topk, sink_blocks, local_blocks,
-              None if scale is None else float(scale))
+    return SPARSE_DECODE_ATTENTION.call(q, k_cache, v_cache, cache_seqlens, block_keys, block_size, topk,
+                                        sink_blocks, local_blocks, scale, backend=backend)

@@ -35,7 +35,9 @@ def _tiny(family: str):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
-    return model.eval()
+    # An inference model: pyfast's decode attention has no backward and refuses inputs that
+    # require grad (a forward outside torch.no_grad() would otherwise record no gradient).
+    return model.eval().requires_grad_(False)
 
 
 def _greedy(model, ids, cache, n_new):

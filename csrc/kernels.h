@@ -1,0 +1,40 @@
+// Every compiled kernel entry point, bound into pyfast._C by module.cpp and called by the op
+// registry (pyfast/_registry.py) as the "cpu" and "cuda" implementations of torch.ops.pyfast.*.
+// The registry checks every argument before calling; these functions do not check again.
+// Argument order and meaning: the op's schema in pyfast/<family>/ops.py.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace pyfast {
+
+namespace cherryq {
+at::Tensor cherryq_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& zeros, const at::Tensor& cherry_idx, const at::Tensor& cherry_val,
+                              const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size);
+at::Tensor cherryq_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const at::Tensor& zeros, const at::Tensor& cherry_idx, const at::Tensor& cherry_val,
+                               const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size);
+}  // namespace cherryq
+
+namespace sparse {
+void append_kv_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_keys,
+                   const at::Tensor& cache_seqlens, const at::Tensor& k_new, const at::Tensor& v_new,
+                   int64_t block_size);
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& cache_seqlens, c10::optional<double> scale);
+at::Tensor sparse_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& cache_seqlens, const at::Tensor& block_keys,
+                                       int64_t block_size, int64_t topk, int64_t sink_blocks, int64_t local_blocks,
+                                       c10::optional<double> scale);
+void append_kv_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_keys,
+                    const at::Tensor& cache_seqlens, const at::Tensor& k_new, const at::Tensor& v_new,
+                    int64_t block_size);
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& cache_seqlens, c10::optional<double> scale);
+at::Tensor sparse_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& cache_seqlens, const at::Tensor& block_keys,
+                                        int64_t block_size, int64_t topk, int64_t sink_blocks, int64_t local_blocks,
+                                        c10::optional<double> scale);
+}  // namespace sparse
+
+}  // namespace pyfast

@@ -1,0 +1,299 @@
+"""The op registry: every torch.ops.pyfast.* op is declared here once, by an `OpDef`.
+
+An OpDef holds everything about one op: its schema, its rules (`check`: shapes, dtypes and
+scalar values, from metadata only; `check_data`: rules that read tensor data), its fake impl, its
+autograd (if it trains), its implementations per backend ("cpu", "cuda", "triton", "reference")
+and the rule that picks the default on CUDA. `define(opdef)` turns it into `torch.ops.pyfast.<name>`:
+
+    pyfast.<op>(..., backend=None)      public function: `opdef.call(*args, backend=backend)`
+      -> torch.ops.pyfast.<op>(..., backend=None)      one schema, one dispatcher entry
+           Autograd key: the registered backward (if any)
+           CPU / CUDA keys: `OpDef.run`: rules, then the chosen implementation
+           Meta / fake tensors: rules (metadata only), then `fake`
+
+So every entry point (the public function, the raw op on CPU or CUDA, each backend, torch.compile
+tracing) enforces the same rules with the same messages. Rules every op gets from the registry
+without declaring them (docs/design.md § Rules):
+  - arguments bind to the schema (the public function raises TypeError naming the argument; the
+    raw op leaves that to torch's own argument parser),
+  - every tensor argument is on one device,
+  - a tensor the op writes (`Tensor(a!)` in the schema) has no internally overlapping elements
+    and shares no memory with any other tensor argument,
+  - an op without a backward refuses inputs that require grad while grad mode is on (a silent
+    missing gradient is a wrong result).
+Error convention: TypeError for a wrong type or dtype, ValueError for a wrong shape or value; the
+message reads `pyfast.<op>: expected <what>, got <what>` and names the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import torch
+
+from pyfast import _ops
+from pyfast._validate import fail, fail_type
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+_LIB = torch.library.Library("pyfast", "DEF")
+REGISTRY: dict[str, "OpDef"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Autograd:
+    """backward(ctx, *grads) -> one gradient per schema argument (None for non-tensors);
+    setup_context(ctx, inputs, output) with `inputs` the positional schema arguments."""
+
+    backward: Callable
+    setup_context: Callable
+
+
+@dataclasses.dataclass
+class OpDef:
+    name: str
+    schema: str  # "(Tensor x, ...) -> Tensor", without the name and without `backend`
+    check: Callable[..., None]  # check(*args): metadata-only rules; raises TypeError/ValueError
+    fake: Callable[..., Any]  # fake(*args): outputs from shapes (the rules have run)
+    impls: Mapping[str, Callable[..., Any]]  # backend -> implementation(*args)
+    default_cuda: Callable[..., str] = lambda *args: "cuda"  # backend=None on CUDA tensors
+    check_data: Callable[..., None] | None = None  # rules that read tensor data (see _data_checks_allowed)
+    autograd: Autograd | None = None
+    doc: str = ""
+
+    # Derived from the schema by `define`.
+    arg_names: tuple[str, ...] = ()
+    arg_kinds: tuple[str, ...] = ()  # "Tensor", "Tensor?", "int", "float", "float?", "bool", "str", ...
+    tensor_args: tuple[int, ...] = ()  # positions of the Tensor / Tensor? arguments
+    scalar_args: tuple[int, ...] = ()  # positions of the others
+    written: tuple[int, ...] = ()  # positions of the tensors the op writes in place
+    returns_tensors: bool = False
+    overload: Any = None  # torch.ops.pyfast.<name>.default, set by `define`
+
+    def call(self, *args, backend: str | None = None):
+        """The public functions' entry: bind the arguments to the schema (TypeError naming the one
+        that does not fit), then run the op. Plain eager calls (plain CPU/CUDA tensors, no
+        torch.compile, no dispatch or function mode, no gradient to record) go straight to `run`,
+        the function the dispatcher would reach for them, which saves the dispatcher's boxing of
+        every argument (decode loops make many small calls); everything else goes through
+        torch.ops.pyfast.<name>."""
+        if _plain_eager(self, args):  # every tensor argument is a plain tensor: bind the rest
+            for i in self.scalar_args:
+                _check_binds(self.name, self.arg_names[i], self.arg_kinds[i], args[i])
+            return self.run(*args, backend=backend)
+        for name, kind, value in zip(self.arg_names, self.arg_kinds, args):
+            _check_binds(self.name, name, kind, value)
+        return self.overload(*args, backend=backend)
+
+    def run(self, *args, backend: str | None = None):
+        """The CPU and CUDA dispatch keys' kernel: the rules, then the chosen implementation."""
+        device = _check_common(self, args)
+        self.check(*args)
+        if self.written:
+            _check_written(self, args)
+        if self.check_data is not None and _data_checks_allowed(device):
+            self.check_data(*args)
+        return self.impls[resolve_backend(self, backend, device, args)](*args)
+
+
+def _plain_eager(opdef: OpDef, args) -> bool:
+    """True when the dispatcher would send this call straight to `OpDef.run`."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+        return False
+    grad = opdef.autograd is not None and torch.is_grad_enabled()
+    for i in opdef.tensor_args:
+        t = args[i]
+        if t is None and opdef.arg_kinds[i] == "Tensor?":
+            continue
+        if type(t) is not torch.Tensor or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema binding (the public functions' type checks, derived from the schema)
+# ---------------------------------------------------------------------------------------------
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_binds(op: str, name: str, kind: str, value) -> None:
+    optional = kind.endswith("?")
+    if value is None:
+        if not optional:
+            fail_type(op, name, f"a {kind}", "None")
+        return
+    base = kind.rstrip("?")
+    if base == "Tensor":
+        if not isinstance(value, torch.Tensor):
+            fail_type(op, name, "a torch.Tensor", type(value).__name__)
+    elif base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail_type(op, name, "an int", f"{type(value).__name__} {value!r}")
+        if not _INT64[0] <= value <= _INT64[1]:
+            fail(op, name, "an int in the int64 range", repr(value))
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail_type(op, name, "a float", f"{type(value).__name__} {value!r}")
+    elif base == "str":
+        if not isinstance(value, str):
+            fail_type(op, name, "a str", f"{type(value).__name__} {value!r}")
+
+
+def _parse(opdef: OpDef) -> None:
+    schema = torch._C.parse_schema(f"pyfast::{opdef.name}{opdef.schema}")
+    kinds = []
+    for a in schema.arguments:
+        t = str(a.type)
+        kinds.append(t[len("Optional[") : -1] + "?" if t.startswith("Optional[") else t)
+    opdef.arg_names = tuple(a.name for a in schema.arguments)
+    opdef.arg_kinds = tuple(kinds)
+    opdef.tensor_args = tuple(i for i, k in enumerate(kinds) if k.startswith("Tensor"))
+    opdef.scalar_args = tuple(i for i, k in enumerate(kinds) if not k.startswith("Tensor"))
+    opdef.written = tuple(i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
+    opdef.returns_tensors = any(str(r.type) == "Tensor" for r in schema.returns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules every op gets
+# ---------------------------------------------------------------------------------------------
+def _one_device(opdef: OpDef, args) -> bool:
+    """Fast test that every tensor argument is on the CPU, or all on one CUDA device."""
+    ts = [args[i] for i in opdef.tensor_args if args[i] is not None]
+    if all(t.is_cpu for t in ts):
+        return True
+    return all(t.is_cuda for t in ts) and len({t.get_device() for t in ts}) == 1
+
+
+def _check_common(opdef: OpDef, args) -> torch.device:
+    """One device for every tensor argument; no requires_grad input to an op without backward.
+    Returns the device."""
+    first = opdef.tensor_args[0]
+    device = args[first].device
+    if not _one_device(opdef, args):
+        for i in opdef.tensor_args:
+            t = args[i]
+            if t is not None and t.device != device:
+                fail(opdef.name, opdef.arg_names[i], f"on {device} (the device of {opdef.arg_names[first]})",
+                     t.device)
+    if opdef.autograd is None and opdef.returns_tensors and torch.is_grad_enabled():
+        for i in opdef.tensor_args:
+            if args[i] is not None and args[i].requires_grad:
+                fail(opdef.name, opdef.arg_names[i], f"not to require grad (pyfast.{opdef.name} has no backward: "
+                     "call it under torch.no_grad() or pass a detached tensor)", "requires_grad=True")
+    return device
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
+    start = t.data_ptr() + min(0, extent)  # negative strides cannot occur in torch, kept for safety
+    return start, t.data_ptr() + (max(extent, 0) + 1) * t.element_size()
+
+
+def _check_written(opdef: OpDef, args) -> None:
+    """A written tensor has no overlapping elements (expand() views) and shares no memory with any
+    other tensor argument (byte ranges of the same storage; like ATen, a conservative test)."""
+    tensors = [(opdef.arg_names[j], args[j]) for j in opdef.tensor_args if args[j] is not None]
+    for i in opdef.written:
+        name, t = opdef.arg_names[i], args[i]
+        if t.numel() == 0:
+            continue
+        if torch._debug_has_internal_overlap(t) == 1:  # 1 = YES (2 = too hard to tell: allowed)
+            fail(opdef.name, name, "without overlapping elements (it is written in place)", f"strides {list(t.stride())}")
+        lo, hi = _byte_range(t)
+        for other_name, o in tensors:
+            if o is t or other_name == name or o.numel() == 0:
+                continue
+            if o.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+                continue
+            olo, ohi = _byte_range(o)
+            if lo < ohi and olo < hi:
+                fail(opdef.name, name, f"not to share memory with {other_name} (it is written in place)",
+                     "overlapping tensors")
+
+
+def _data_checks_allowed(device: torch.device) -> bool:
+    """Rules that read tensor data run in eager mode; while a CUDA graph is being captured they
+    cannot (no host sync), and the kernels then clamp what they read and write instead."""
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------
+def _triton_runs_on(device: torch.device) -> bool:
+    if not _ops.has_triton():
+        return False
+    if device.type == "cuda":
+        return True
+    from pyfast.kernels._utils import INTERPRETED  # CPU tensors run in the Triton interpreter only
+
+    return device.type == "cpu" and INTERPRETED
+
+
+def resolve_backend(opdef: OpDef, backend: str | None, device: torch.device, args) -> str:
+    """The implementation that runs: `backend`, or (None) the default: C++ on CPU,
+    `default_cuda(*args)` on CUDA; either way checked against the tensors' device and this build."""
+    op = opdef.name
+    if backend is None:
+        if device.type == "cpu":
+            return "cpu"
+        if device.type != "cuda":
+            fail(op, "tensors", "on a CPU or CUDA device", device)
+        backend = opdef.default_cuda(*args)
+    elif backend not in opdef.impls:
+        fail(op, "backend", f"one of {(None, *opdef.impls)}", repr(backend))
+    if backend == "cpu" and device.type != "cpu":
+        fail(op, "tensors", "on the CPU for backend='cpu'", device)
+    if backend == "cuda":
+        if device.type != "cuda":
+            fail(op, "tensors", "on a CUDA device for backend='cuda'", device)
+        if not _ops.has_cuda_kernels():
+            fail(op, "backend", "'cuda' only in a build with the CUDA kernels (rebuild with nvcc present)",
+                 "a CPU-only build")
+    if backend == "triton" and not _triton_runs_on(device):
+        need = "triton installed" if not _ops.has_triton() else "CUDA tensors (CPU tensors need TRITON_INTERPRET=1)"
+        fail(op, "backend", f"'triton' only with {need}", f"tensors on {device}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+def _with_backend(schema: str) -> str:
+    args, ret = schema.rsplit("->", 1)
+    args = args.strip()[1:-1].strip()
+    sep = ", " if args else ""
+    kw = "" if "*" in [a.strip() for a in args.split(",")] else "*, "
+    return f"({args}{sep}{kw}str? backend=None) -> {ret.strip()}"
+
+
+def define(opdef: OpDef) -> OpDef:
+    """Declare `opdef` as torch.ops.pyfast.<name> with its rules, fake, autograd and backends."""
+    assert opdef.name not in REGISTRY, opdef.name
+    assert set(opdef.impls) <= set(BACKENDS), opdef.impls
+    _parse(opdef)
+    _LIB.define(opdef.name + _with_backend(opdef.schema))
+
+    def fake(*args, backend=None):
+        _check_common(opdef, args)
+        opdef.check(*args)
+        return opdef.fake(*args)
+
+    _LIB.impl(opdef.name, opdef.run, "CPU")
+    _LIB.impl(opdef.name, opdef.run, "CUDA")
+    torch.library.register_fake(f"pyfast::{opdef.name}", fake, lib=_LIB)
+    if opdef.autograd is not None:
+        ag = opdef.autograd
+
+        def setup_context(ctx, inputs, keyword_only_inputs, output):
+            ag.setup_context(ctx, inputs, output)
+
+        def backward(ctx, *grads):
+            return ag.backward(ctx, *grads)
+
+        torch.library.register_autograd(f"pyfast::{opdef.name}", backward, setup_context=setup_context, lib=_LIB)
+    opdef.overload = getattr(torch.ops.pyfast, opdef.name).default
+    REGISTRY[opdef.name] = opdef
+    return opdef
