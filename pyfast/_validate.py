@@ -10,8 +10,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def fail(op: str, arg: str, expected: str, got) -> None:
-    raise ValueError(f"pyfast.{op}: expected {arg} {expected}, got {got}")
+def fail(op: str, arg: str, expected: str, got, *, error: type[Exception] = ValueError) -> None:
+    """Raise `error` (ValueError for shapes/values, TypeError for types/dtypes) with the common message."""
+    raise error(f"pyfast.{op}: expected {arg} {expected}, got {got}")
 
 
 def _shape_str(shape: Sequence) -> str:

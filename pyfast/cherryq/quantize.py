@@ -150,7 +150,13 @@ def fake_quantize(w: torch.Tensor, keep: torch.Tensor, bits: int, group_size: in
 
 def cherryq_dequantize(qw: CherryQWeight) -> torch.Tensor:
     """The dense weight [N, K] float32 that `qw` stands for (cherries included)."""
+    from pyfast.cherryq.ops import check_weight
     from pyfast.reference.cherryq import dequantize
+
+    op = "cherryq_dequantize"
+    if not isinstance(qw, CherryQWeight):  # TypeError here; check_weight's ValueError is kept for cherryq_matmul
+        fail(op, "qw", "a CherryQWeight (from pyfast.cherryq_quantize)", type(qw).__name__, error=TypeError)
+    check_weight(op, qw)
 
     return dequantize(qw, torch.float32)
 
