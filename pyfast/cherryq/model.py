@@ -8,7 +8,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from pyfast._validate import fail
+from pyfast._validate import check_choice, check_int, fail, fail_type
+from pyfast.cherryq.format import PACK, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, TENSOR_FIELDS, CherryQWeight
 from pyfast.cherryq.modules import CherryQLinear, is_conv1d, linear_weight
 
 
@@ -121,47 +122,151 @@ def save_quantized(model: nn.Module, path: str) -> None:
 
 def load_quantized(model: nn.Module, path: str, *, strict: bool = True) -> nn.Module:
     """Load a file from `save_quantized` into `model` (a float model of the same architecture):
-    the layers named in the file's metadata become CherryQLinear first. Errors on a truncated,
-    tampered or mismatched file."""
+    the layers named in the file's metadata become CherryQLinear. Every tensor must have the
+    dtype and shape the model (and the CherryQ format) gives it: no silent conversion. Errors on
+    a truncated, tampered or mismatched file (TypeError for a dtype, ValueError otherwise), from
+    the header before reading any data, and leave the model unchanged."""
     from safetensors import safe_open
 
+    op = "load_quantized"
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        # header only: the "numpy" view maps nothing into torch (the "pt" one maps the whole file,
+        # which fails or costs memory for a header claiming terabytes)
+        with safe_open(path, framework="numpy") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"pyfast.{op}: cannot read {path}: {e}") from e
+    try:
         config = json.loads(meta[_META_KEY])
     except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"pyfast.load_quantized: expected a pyfast CherryQ safetensors file, got {path} ({e})") from e
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise ValueError(f"pyfast.load_quantized: cannot read {path}: {e}") from e
-    for name, c in config.items():
-        dev = next((t.device for t in model.get_submodule(name).parameters()), torch.device("cpu"))
-        _set_submodule(model, name, CherryQLinear(c["in_features"], c["out_features"], c["bias"], bits=c["bits"],
-                                                  group_size=c["group_size"], cherries_per_row=c["cherries_per_row"],
-                                                  device=dev))
+        raise ValueError(f"pyfast.{op}: expected a pyfast CherryQ safetensors file, got {path} ({e})") from e
+    layers = _check_config(op, model, config)
+    expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()
+                if not any(k.startswith(name + ".") for name in layers)}
+    for name, (layer, c) in layers.items():
+        expected.update({f"{name}.{k}": spec for k, spec in _layer_tensors(c, _bias_dtype(layer)).items()})
+    keys = _check_header(op, header, expected, strict, required=[k for k in expected if k.rpartition(".")[0] in layers])
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except Exception as e:
+        raise ValueError(f"pyfast.{op}: cannot read {path}: {e}") from e
+    new = {}
+    for name, (layer, c) in layers.items():
+        check_cherries(name, CherryQWeight(*(tensors[f"{name}.{f}"] for f in TENSOR_FIELDS), bits=c["bits"],
+                                           group_size=c["group_size"]))
+        new[name] = CherryQLinear(c["in_features"], c["out_features"], c["bias"], bits=c["bits"],
+                                  group_size=c["group_size"], cherries_per_row=c["cherries_per_row"],
+                                  device=_device(layer), dtype=_bias_dtype(layer) or torch.float32)
+    # everything is checked: only now is the model changed
+    for name, q in new.items():
+        _set_submodule(model, name, q)
     try:
         model.load_state_dict(tensors, strict=strict)
     except RuntimeError as e:
-        raise ValueError(f"pyfast.load_quantized: {path} does not match the model: {e}") from e
-    for name in config:
-        check_cherries(name, model.get_submodule(name).quantized_weight)
+        for name, (layer, _) in layers.items():
+            _set_submodule(model, name, layer)
+        raise ValueError(f"pyfast.{op}: {path} does not match the model: {e}") from e
     return model
 
 
+def _some(keys: list[str]) -> str:
+    return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+_CONFIG_INTS = {"bits": 1, "group_size": 1, "cherries_per_row": 0, "in_features": 1, "out_features": 1}
+_HEADER_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                  torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                  torch.bool: "BOOL"}
+
+
+def _check_config(op: str, model: nn.Module, config) -> dict[str, tuple[nn.Module, dict]]:
+    """The file's metadata {layer name: CherryQLinear config}, checked against the model's layers
+    (in/out features, bias) and the format (bits, group size, cherries). -> {name: (layer, config)}."""
+    if not isinstance(config, dict):
+        fail(op, f"metadata {_META_KEY}", "a JSON object {layer name: config}", type(config).__name__)
+    modules = dict(model.named_modules())
+    out = {}
+    for name, c in config.items():
+        layer = modules.get(name) if name else None
+        if not (isinstance(layer, (nn.Linear, CherryQLinear)) or is_conv1d(layer)):
+            fail(op, f"metadata layer name {name!r}", "an nn.Linear, Conv1D or CherryQLinear of the model",
+                 type(modules[name]).__name__ if name in modules else "no such submodule")
+        if not isinstance(c, dict):
+            fail(op, f"metadata {name}", "an object " + str({k: "int" for k in _CONFIG_INTS} | {"bias": "bool"}),
+                 type(c).__name__)
+        for k in (*_CONFIG_INTS, "bias"):
+            if k not in c:
+                fail(op, f"metadata {name}.{k}", "present", "missing")
+        for k, minimum in _CONFIG_INTS.items():
+            check_int(op, f"metadata {name}.{k}", c[k], minimum=minimum)
+        check_choice(op, f"metadata {name}.bits", c["bits"], SUPPORTED_BITS)
+        check_choice(op, f"metadata {name}.group_size", c["group_size"], SUPPORTED_GROUP_SIZES)
+        q = isinstance(layer, CherryQLinear)
+        n, k = (layer.out_features, layer.in_features) if q else linear_weight(layer).shape
+        for key, want in (("in_features", k), ("out_features", n)):
+            if c[key] != want:
+                fail(op, f"metadata {name}.{key}", f"== {want} (the model's layer)", c[key])
+        if k % c["group_size"]:
+            fail(op, f"metadata {name}.in_features", f"a multiple of group_size={c['group_size']}", k)
+        if c["cherries_per_row"] > k:
+            fail(op, f"metadata {name}.cherries_per_row", f"in [0, {k}]", c["cherries_per_row"])
+        if not isinstance(c["bias"], bool):
+            fail(op, f"metadata {name}.bias", "True or False", repr(c["bias"]))
+        if c["bias"] != (layer.bias is not None):
+            fail(op, f"metadata {name}.bias", f"{layer.bias is not None} (as the model's layer)", c["bias"])
+        out[name] = (layer, c)
+    return out
+
+
+def _bias_dtype(layer: nn.Module) -> torch.dtype | None:
+    return None if layer.bias is None else layer.bias.dtype
+
+
+def _device(layer: nn.Module) -> torch.device:
+    return next((t.device for t in layer.state_dict().values()), torch.device("cpu"))
+
+
+def _layer_tensors(c: dict, bias_dtype: torch.dtype | None) -> dict[str, tuple[torch.dtype, tuple]]:
+    """{tensor name: (dtype, shape)} of a CherryQLinear with config c (see pyfast.cherryq.format)."""
+    n, k, cpr = c["out_features"], c["in_features"], c["cherries_per_row"]
+    g = k // c["group_size"]
+    out = {"qweight": (torch.int32, (n, k // PACK * c["bits"])), "scales": (torch.float16, (n, g)),
+           "zeros": (torch.float16, (n, g)), "cherry_idx": (torch.int32, (n, cpr)),
+           "cherry_val": (torch.float16, (n, cpr))}
+    if bias_dtype is not None:
+        out["bias"] = (bias_dtype, (n,))
+    return out
+
+
+def _check_header(op: str, header: dict, expected: dict, strict: bool, required: list[str]) -> list[str]:
+    """Check the header's {key: (dtype string, shape)} against expected {key: (dtype, shape)}:
+    every key of a quantized layer (and with strict every key) present, no unknown key with
+    strict, dtypes and shapes exact. Returns the keys to read."""
+    missing = [k for k in (expected if strict else required) if k not in header]
+    if missing:
+        fail(op, "tensors " + _some(missing), "in the file", "missing")
+    unexpected = [k for k in header if k not in expected]
+    if strict and unexpected:
+        fail(op, "only tensors of the model", "in the file (strict=False ignores others)", "also " + _some(unexpected))
+    keys = [k for k in header if k in expected]
+    for key in keys:
+        (dtype, shape), (got_dtype, got_shape) = expected[key], header[key]
+        want = _HEADER_DTYPES.get(dtype)
+        if want is not None and got_dtype != want:
+            fail_type(op, key, f"of dtype {dtype} ({want})", got_dtype)
+        if tuple(got_shape) != shape:
+            fail(op, key, f"of shape {list(shape)}", f"shape {list(got_shape)}")
+    return keys
+
+
 def check_cherries(name: str, qw) -> None:
-    """What the kernels rely on and a tampered file could break: cherry columns in range and
-    strictly ascending per row, and packed code 0 under every cherry."""
-    from pyfast.cherryq.format import unpack_codes
+    """The rules of a packed weight (pyfast.cherryq.ops.check_weight: shapes, dtypes, cherry columns
+    in range and strictly ascending, code 0 under every cherry), naming the layer on failure."""
     from pyfast.cherryq.ops import check_weight
 
-    op = "load_quantized"
-    check_weight(op, qw)
-    idx = qw.cherry_idx.long()
-    if not idx.numel():
-        return
-    if idx.min() < 0 or idx.max() >= qw.in_features:
-        fail(op, f"{name}.cherry_idx", f"values in [0, {qw.in_features})", "out-of-range indices")
-    if (idx[:, 1:] <= idx[:, :-1]).any():
-        fail(op, f"{name}.cherry_idx", "strictly ascending columns per row", "repeated or unsorted columns")
-    if unpack_codes(qw.qweight, qw.bits).gather(1, idx).any():
-        fail(op, f"{name}.qweight", "code 0 under every cherry", "non-zero codes")
+    try:
+        check_weight("load_quantized", qw)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{e} (layer {name})") from None

@@ -150,7 +150,10 @@ def fake_quantize(w: torch.Tensor, keep: torch.Tensor, bits: int, group_size: in
 
 def cherryq_dequantize(qw: CherryQWeight) -> torch.Tensor:
     """The dense weight [N, K] float32 that `qw` stands for (cherries included)."""
+    from pyfast.cherryq.ops import check_weight
     from pyfast.reference.cherryq import dequantize
+
+    check_weight("cherryq_dequantize", qw)  # TypeError for a non-CherryQWeight, then the weight's rules
 
     return dequantize(qw, torch.float32)
 

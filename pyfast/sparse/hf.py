@@ -35,6 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pyfast._validate import check_int
 from pyfast.sparse.cache import SparseKVCache
+from pyfast.sparse.ops import check_budget
 
 ATTN_IMPLEMENTATION = "pyfast_sparse"
 _TAG = "_pyfast_sparse"  # attribute on the key tensor returned by update(): (SparseKVCache, layer)
@@ -120,6 +121,8 @@ class SparseDecodingCache(Cache):
         backend: str | None = None,
     ):
         n_layers, _, n_kv, head_dim = _decoder_geometry(model.config)
+        if topk is not None:  # checked again by every decode step (they can be changed); fail early here
+            check_budget("SparseDecodingCache", topk, sink_blocks, local_blocks)
         self.kv = SparseKVCache(
             n_layers, batch_size, n_kv, head_dim, max_length,
             block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
@@ -192,13 +195,14 @@ def enable_sparse_decoding(model, *, max_length: int, **options) -> SparseDecodi
 
     options: batch_size=1, block_size=16, topk=64 (None: dense), sink_blocks=1, local_blocks=4,
     dtype, device, backend. The model stays exact without the cache (SDPA); undo with
-    disable_sparse_decoding(model).
+    disable_sparse_decoding(model). On an error (bad option) the model is left unchanged.
     """
+    cache = SparseDecodingCache(model, max_length=max_length, **options)  # checks everything first
     previous = model.config._attn_implementation
     if previous != ATTN_IMPLEMENTATION:
-        model._pyfast_previous_attn = previous
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    return SparseDecodingCache(model, max_length=max_length, **options)
+        model._pyfast_previous_attn = previous
+    return cache
 
 
 def disable_sparse_decoding(model) -> None:
