@@ -12,11 +12,11 @@ from test_sparse_hf import _tiny  # noqa: E402
 BAD = [
     (dict(max_length=0), ValueError, "max_length"),
     (dict(max_length=-4), ValueError, "max_length"),
-    (dict(max_length="64"), ValueError, "max_length"),
+    (dict(max_length="64"), TypeError, "max_length"),
     (dict(max_length=64, batch_size=0), ValueError, "batch_size"),
     (dict(max_length=64, block_size=0), ValueError, "block_size"),
     (dict(max_length=64, topk=-1), ValueError, "topk"),
-    (dict(max_length=64, sink_blocks=1.5), ValueError, "sink_blocks"),
+    (dict(max_length=64, sink_blocks=1.5), TypeError, "sink_blocks"),
     (dict(max_length=64, local_blocks=-1), ValueError, "local_blocks"),
     (dict(max_length=64, no_such_option=1), TypeError, "no_such_option"),
 ]
