@@ -194,7 +194,6 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 def _check_written(opdef: OpDef, args) -> None:
     """A written tensor has no overlapping elements (expand() views) and shares no memory with any
     other tensor argument (byte ranges of the same storage; like ATen, a conservative test)."""
-    tensors = [(opdef.arg_names[j], args[j]) for j in opdef.tensor_args if args[j] is not None]
     for i in opdef.written:
         name, t = opdef.arg_names[i], args[i]
         if t.numel() == 0:
@@ -202,14 +201,14 @@ def _check_written(opdef: OpDef, args) -> None:
         if torch._debug_has_internal_overlap(t) == 1:  # 1 = YES (2 = too hard to tell: allowed)
             fail(opdef.name, name, "without overlapping elements (it is written in place)", f"strides {list(t.stride())}")
         lo, hi = _byte_range(t)
-        for other_name, o in tensors:
-            if o is t or other_name == name or o.numel() == 0:
-                continue
-            if o.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        storage = t.untyped_storage().data_ptr()
+        for j in opdef.tensor_args:
+            o = args[j]
+            if j == i or o is None or o.numel() == 0 or o.untyped_storage().data_ptr() != storage:
                 continue
             olo, ohi = _byte_range(o)
             if lo < ohi and olo < hi:
-                fail(opdef.name, name, f"not to share memory with {other_name} (it is written in place)",
+                fail(opdef.name, name, f"not to share memory with {opdef.arg_names[j]} (it is written in place)",
                      "overlapping tensors")
 
 

@@ -102,8 +102,6 @@ def _kernels(name: str) -> dict:
 # append_kv
 # ---------------------------------------------------------------------------------------------
 def _check_append(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size) -> None:
-    APPEND_KV.call(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size, backend=backend)
-def _check_append(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size) -> None:
     op = "append_kv"
     b, hkv, tmax, d = check_cache(op, k_cache, v_cache, cache_seqlens)
     check_unit_last_stride(op, "k_cache", k_cache)

@@ -95,6 +95,8 @@ def test_constant_group_and_all_cherry_group():
     "kwargs, match",
     [
         (dict(weight=torch.randn(4, 100)), "multiple of group_size"),
+        (dict(weight=torch.randn(4, 128), bits=3.0), "bits"),
+        (dict(weight=[[1.0] * 128]), "weight"),
         (dict(weight=torch.randn(4, 128), bits=5), "bits"),
         (dict(weight=torch.randn(4, 128), bits=8), "bits"),
         (dict(weight=torch.randn(4, 128), group_size=100), "group_size"),
@@ -107,6 +109,8 @@ def test_constant_group_and_all_cherry_group():
     ],
 )
 def test_bad_input(kwargs, match):
+    """ValueError for a wrong shape or value, TypeError for a wrong type or dtype."""
     w = kwargs.pop("weight")
-    with pytest.raises(ValueError, match=match):
+    wrong_type = isinstance(kwargs.get("bits"), float) or not isinstance(w, torch.Tensor) or not w.is_floating_point()
+    with pytest.raises(TypeError if wrong_type else ValueError, match=match):
         pyfast.cherryq_quantize(w, **kwargs)

@@ -132,12 +132,7 @@ def test_nan_row_stays_in_its_row(m, dtype):
     assert torch.isfinite(out[rows]).all()
 
 
-def test_empty_and_bad_input():
+def test_empty_input():  # bad input: tests/test_errors.py (every op, every entry point)
     qw = make(128, 4, 64, seed=7)
     out = run(cherryq_matmul_triton, torch.randn(0, 128, device=DEVICE), qw)
     assert out.shape == (0, N)
-    with pytest.raises(ValueError, match="qweight shape"):
-        cherryq_matmul_triton(torch.randn(2, 128, device=DEVICE), qw.qweight[:, :-1].contiguous(), qw.scales,
-                              qw.zeros, qw.cherry_idx, qw.cherry_val, None, qw.bits, qw.group_size)
-    with pytest.raises(ValueError, match="x2d shape"):
-        run(cherryq_matmul_triton, torch.randn(2, 96, device=DEVICE), qw)

@@ -129,8 +129,11 @@ def test_bad_arguments():
     cache = pyfast.SparseKVCache(1, 1, 2, 8, 10)
     with pytest.raises(ValueError, match="layer"):
         cache.append(1, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
-    with pytest.raises(ValueError, match="cache_seqlens"):  # past Tmax: pyfast.append_kv refuses
+    with pytest.raises(ValueError, match="k_new"):  # more than Tmax new tokens: pyfast.append_kv refuses
         cache.append(0, torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8))
+    cache.append(0, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
+    with pytest.raises(ValueError, match="cache_seqlens"):  # 6 + 5 past Tmax
+        cache.append(0, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
 
 
 def test_select_batch_and_reorder():
@@ -152,21 +155,23 @@ def test_select_batch_and_reorder():
     assert cache.cache_seqlens[0].tolist() == [47, 47, 11, 25, 11]
 
 
+# A wrong value is a ValueError, a wrong type or dtype a TypeError.
 @pytest.mark.parametrize("index, match", [
     (torch.tensor([0, 3, 1]), r"index with entries in \[0, 3\)"),
     (torch.tensor([-1, 0, 1]), r"index with entries in \[0, 3\)"),
     (torch.tensor([[0]]), "index a 1-D tensor"),
     (torch.tensor([0.0]), "index dtype"),
     (torch.tensor([], dtype=torch.long), "index with at least one entry"),
-    ([0, 1], "index to be a torch.Tensor"),
+    ([0, 1], "index a torch.Tensor"),
 ])
 def test_select_batch_bad_index_changes_nothing(index, match):
     cache, _, _ = _filled([45, 23, 9])
     before = [t.clone() for t in (cache._k, cache._len)]
-    with pytest.raises(ValueError, match=match):
+    error = TypeError if "dtype" in match or "torch.Tensor" in match else ValueError
+    with pytest.raises(error, match=match):
         cache.select_batch(index)
     if isinstance(index, torch.Tensor) and index.shape == (3,):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(error, match=match):
             cache.reorder(index)
     with pytest.raises(ValueError, match="index with 3 entries"):
         cache.reorder(torch.tensor([0, 1]))

@@ -289,18 +289,19 @@ def test_append_kv_overflow_leaves_sequence_untouched():
 
 
 # ---------------------------------------------------------------------------------------------
-# The torch.ops.pyfast.*_triton custom ops
+# The ops with backend="triton" (one op per schema; the backend is a keyword of the op)
 # ---------------------------------------------------------------------------------------------
 def test_opcheck():
     tmax, bs = 24, 4
     q, k, v, bk = make(2, 4, 2, tmax, 16, torch.float32, block_size=bs)
     n = seqlens(24, 9)
-    torch.library.opcheck(torch.ops.pyfast.decode_attention_triton.default, (q, k, v, n, None))
-    torch.library.opcheck(torch.ops.pyfast.sparse_decode_attention_triton.default,
-                          (q, k, v, n, bk, bs, 1, 1, 1, 0.5))
+    triton = {"backend": "triton"}
+    torch.library.opcheck(torch.ops.pyfast.decode_attention.default, (q, k, v, n, None), triton)
+    torch.library.opcheck(torch.ops.pyfast.sparse_decode_attention.default, (q, k, v, n, bk, bs, 1, 1, 1, 0.5),
+                          triton)
     n = seqlens(3, 0)
     k_new, v_new = torch.randn(2, 2, 2, 16, device=DEVICE), torch.randn(2, 2, 2, 16, device=DEVICE)
-    torch.library.opcheck(torch.ops.pyfast.append_kv_triton.default, (k, v, bk, n, k_new, v_new, bs))
+    torch.library.opcheck(torch.ops.pyfast.append_kv.default, (k, v, bk, n, k_new, v_new, bs), triton)
 
 
 

@@ -1,0 +1,286 @@
+"""Bad input, enumerated per op and run against every entry point that can run here.
+
+Each op has one valid call (schema order) and a table of mutations with the exception type and the
+argument the message must name. Every entry point must raise that same type with a message
+`pyfast.<op>: expected <argument> ...`, before any kernel runs, leaving written tensors unchanged:
+  public           pyfast.<op>(...)                       (default backend)
+  public:<b>       pyfast.<op>(..., backend=b)            for every backend that runs here
+  op               torch.ops.pyfast.<op>(...)             (the dispatcher: CPU key, or Meta/fake)
+  op:<b>           torch.ops.pyfast.<op>(..., backend=b)
+Mutations that only a Python caller can make (a float where the schema says int, an object that is
+not a tensor) are `binding` cases: torch's own argument parser rejects them for the raw op with
+its RuntimeError, so they run against the public entry points only (docs/design.md § Rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import pyfast
+from pyfast import _registry
+from pyfast.cherryq.format import CherryQWeight
+
+HAS_TRITON = pyfast.build_info()["triton"]
+BACKENDS = [b for b in ("cpu", "reference", "triton") if b != "triton" or HAS_TRITON]
+if torch.cuda.is_available():
+    BACKENDS.append("cuda")
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    mutate: callable  # dict of named args -> None (edits in place)
+    error: type
+    names: str  # the argument the message names
+    binding: bool = False  # a Python-only mutation (public entry points only)
+
+
+def _args_cherryq():
+    qw = pyfast.cherryq_quantize(torch.randn(24, 128), bits=3, group_size=64, cherries_per_row=3)
+    return dict(x=torch.randn(2, 128), qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros,
+                cherry_idx=qw.cherry_idx, cherry_val=qw.cherry_val, bias=torch.randn(24), bits=3, group_size=64)
+
+
+def _public_cherryq(a, backend):
+    fields = ("qweight", "scales", "zeros", "cherry_idx", "cherry_val", "bits", "group_size")
+    qw = CherryQWeight(*(a[f] for f in fields))
+    return pyfast.cherryq_matmul(a["x"], qw, a["bias"], backend=backend)
+
+
+def _set(**kw):
+    return lambda a: a.update(kw)
+
+
+def _edit(name, fn):
+    def mutate(a):
+        a[name] = fn(a[name], a)
+
+    return mutate
+
+
+def _cherry_idx_unsorted(a):
+    idx = a["cherry_idx"].clone()
+    idx[0] = idx[0].flip(0)
+    a["cherry_idx"] = idx
+
+
+def _code_under_cherry(a):
+    q = a["qweight"].clone()
+    q[0] = -1  # every code of row 0 becomes 7, the cherries' included
+    a["qweight"] = q
+
+
+CHERRYQ_CASES = [
+    Case("x_last_dim", _edit("x", lambda t, a: t[:, :100]), ValueError, r"x\.shape\[-1\]"),
+    Case("x_int", _edit("x", lambda t, a: t.int()), TypeError, "x"),
+    Case("x_double", _edit("x", lambda t, a: t.double()), TypeError, "x"),
+    Case("x_0d", _edit("x", lambda t, a: t[0, 0]), ValueError, "x"),
+    Case("bias_shape", _edit("bias", lambda t, a: t[:5]), ValueError, "bias"),
+    Case("bias_int", _edit("bias", lambda t, a: t.int()), TypeError, "bias"),
+    Case("qweight_shape", _edit("qweight", lambda t, a: t[:, :-1].contiguous()), ValueError, "qweight"),
+    Case("qweight_strided", _edit("qweight", lambda t, a: t.t().contiguous().t()), ValueError, "qweight"),
+    Case("scales_dtype", _edit("scales", lambda t, a: t.float()), TypeError, "scales"),
+    Case("scales_no_group", _edit("scales", lambda t, a: t[:, :0]), ValueError, "scales"),
+    Case("zeros_shape", _edit("zeros", lambda t, a: t[:-1]), ValueError, "zeros"),
+    Case("cherry_idx_dtype", _edit("cherry_idx", lambda t, a: t.long()), TypeError, "cherry_idx"),
+    Case("cherry_idx_range", _edit("cherry_idx", lambda t, a: torch.full_like(t, 10**6)), ValueError, "cherry_idx"),
+    Case("cherry_idx_negative", _edit("cherry_idx", lambda t, a: t - 1000), ValueError, "cherry_idx"),
+    Case("cherry_idx_unsorted", _cherry_idx_unsorted, ValueError, "cherry_idx"),
+    Case("cherry_idx_duplicate", _edit("cherry_idx", lambda t, a: t[:, :1].expand_as(t).contiguous()),
+         ValueError, "cherry_idx"),
+    Case("code_under_cherry", _code_under_cherry, ValueError, "qweight"),
+    Case("cherry_val_shape", _edit("cherry_val", lambda t, a: t[:, :0]), ValueError, "cherry_val"),
+    Case("bits", _set(bits=5), ValueError, "bits"),
+    Case("group_size", _set(group_size=48), ValueError, "group_size"),
+    Case("meta_x", _edit("x", lambda t, a: t.to("meta")), ValueError, "qweight"),
+    Case("meta_bias", _edit("bias", lambda t, a: t.to("meta")), ValueError, "bias"),
+    Case("bits_float", _set(bits=3.0), TypeError, "bits", binding=True),
+    Case("group_size_str", _set(group_size="64"), TypeError, "group_size", binding=True),
+    Case("x_list", _edit("x", lambda t, a: t.tolist()), TypeError, "x", binding=True),
+]
+
+
+def _args_cache():
+    from sparse.sparse_cases import make_cache, make_query
+
+    k, v, bk, n = make_cache(2, 2, 64, 16, torch.float32, lengths=[40, 9])
+    return dict(q=make_query(2, 4, 16, torch.float32), k_cache=k.nan_to_num(), v_cache=v.nan_to_num(),
+                cache_seqlens=n, block_keys=bk.nan_to_num())
+
+
+def _args_decode():
+    a = _args_cache()
+    del a["block_keys"]
+    return a | dict(scale=None)
+
+
+def _args_sparse():
+    return _args_cache() | dict(block_size=16, topk=4, sink_blocks=1, local_blocks=1, scale=None)
+
+
+def _args_append():
+    a = _args_cache()
+    del a["q"]
+    return a | dict(k_new=torch.randn(2, 2, 20, 16), v_new=torch.randn(2, 2, 20, 16), block_size=16)
+
+
+def _seqlens(*values):
+    return _set(cache_seqlens=torch.tensor(values, dtype=torch.int32))
+
+
+def _grad_q(a):
+    a["q"] = a["q"].clone().requires_grad_()
+
+
+ATTENTION_CASES = [  # decode_attention and sparse_decode_attention
+    Case("hq_not_multiple", _edit("q", lambda t, a: t[:, :3]), ValueError, r"q\.shape\[1\]"),
+    Case("head_dim", _edit("q", lambda t, a: torch.randn(2, 4, 17)), ValueError, r"q\b"),
+    Case("q_dtype", _edit("q", lambda t, a: t.half()), TypeError, r"q\b"),
+    Case("v_shape", _edit("v_cache", lambda t, a: t[:, :, :-1]), ValueError, "v_cache"),
+    Case("seqlens_dtype", _edit("cache_seqlens", lambda t, a: t.long()), TypeError, "cache_seqlens"),
+    Case("seqlens_zero", _seqlens(0, 5), ValueError, "cache_seqlens"),
+    Case("seqlens_too_long", _seqlens(65, 5), ValueError, "cache_seqlens"),
+    Case("seqlens_strided", _edit("cache_seqlens", lambda t, a: torch.stack([t, t], 1)[:, 0]), ValueError,
+         "cache_seqlens"),
+    Case("cache_3d", _edit("k_cache", lambda t, a: t[0]), ValueError, "k_cache"),
+    Case("cache_int", _edit("k_cache", lambda t, a: t.int()), TypeError, "k_cache"),
+    Case("meta_q", _edit("q", lambda t, a: t.to("meta")), ValueError, "k_cache"),
+    Case("meta_seqlens", _edit("cache_seqlens", lambda t, a: t.to("meta")), ValueError, "cache_seqlens"),
+    Case("q_requires_grad", _grad_q, ValueError, r"q\b"),
+    Case("q_list", _edit("q", lambda t, a: t.tolist()), TypeError, r"q\b", binding=True),
+    Case("scale_str", _set(scale="0.1"), TypeError, "scale", binding=True),
+]
+
+SPARSE_OPTION_CASES = [
+    Case("block_keys_shape", _edit("block_keys", lambda t, a: t[:, :, :-1]), ValueError, "block_keys"),
+    Case("block_keys_dtype", _edit("block_keys", lambda t, a: t.half()), TypeError, "block_keys"),
+    Case("topk", _set(topk=-1), ValueError, "topk"),
+    Case("sink_blocks", _set(sink_blocks=-2), ValueError, "sink_blocks"),
+    Case("local_blocks", _set(local_blocks=-1), ValueError, "local_blocks"),
+    Case("block_size", _set(block_size=0), ValueError, "block_size"),
+    Case("topk_huge", _set(topk=2**63), ValueError, "topk", binding=True),
+    Case("topk_float", _set(topk=4.0), TypeError, "topk", binding=True),
+]
+
+
+def _append_overlapping_new(a):  # k_new is a view of k_cache's memory
+    a["k_new"] = a["k_cache"][:, :, 40:60]
+
+
+APPEND_CASES = [
+    Case("past_tmax", _edit("k_new", lambda t, a: torch.randn(2, 2, 30, 16)), ValueError, "v_new"),
+    Case("past_tmax_values", lambda a: a.update(k_new=torch.randn(2, 2, 30, 16), v_new=torch.randn(2, 2, 30, 16)),
+         ValueError, "cache_seqlens"),
+    Case("tn_over_tmax", lambda a: a.update(k_new=torch.randn(2, 2, 100, 16), v_new=torch.randn(2, 2, 100, 16)),
+         ValueError, "k_new"),
+    Case("new_dtype", _edit("k_new", lambda t, a: t.half()), TypeError, "k_new"),
+    Case("new_shape", _edit("v_new", lambda t, a: t[:, :, :-1]), ValueError, "v_new"),
+    Case("block_keys", _edit("block_keys", lambda t, a: t[..., :-1]), ValueError, "block_keys"),
+    Case("negative_len", _seqlens(-1, 3), ValueError, "cache_seqlens"),
+    Case("expanded_seqlens", _edit("cache_seqlens", lambda t, a: t[:1].expand(2)), ValueError, "cache_seqlens"),
+    Case("expanded_cache", _edit("v_cache", lambda t, a: t[:1].expand(2, -1, -1, -1)), ValueError, "v_cache"),
+    Case("cache_strided", _edit("k_cache", lambda t, a: torch.cat([t, t], -1)[..., ::2]), ValueError, "k_cache"),
+    Case("v_is_k", lambda a: a.update(v_cache=a["k_cache"]), ValueError, "k_cache not to share memory with v_cache"),
+    Case("block_keys_in_k_cache", lambda a: a.update(block_keys=a["k_cache"][:, :, :4]), ValueError,
+         "k_cache not to share memory with block_keys"),
+    Case("k_new_overlaps_cache", _append_overlapping_new, ValueError, "k_cache not to share memory with k_new"),
+    Case("meta_k_new", _edit("k_new", lambda t, a: t.to("meta")), ValueError, "k_new"),
+    Case("block_size_float", _set(block_size=16.0), TypeError, "block_size", binding=True),
+]
+
+OPS = {
+    "cherryq_matmul": (_args_cherryq, _public_cherryq, CHERRYQ_CASES),
+    "decode_attention": (
+        _args_decode,
+        lambda a, backend: pyfast.decode_attention(*list(a.values())[:4], scale=a["scale"], backend=backend),
+        ATTENTION_CASES,
+    ),
+    "sparse_decode_attention": (
+        _args_sparse,
+        lambda a, backend: pyfast.sparse_decode_attention(
+            *list(a.values())[:5], **{k: a[k] for k in ("block_size", "topk", "sink_blocks", "local_blocks", "scale")},
+            backend=backend),
+        ATTENTION_CASES + SPARSE_OPTION_CASES,
+    ),
+    "append_kv": (
+        _args_append,
+        lambda a, backend: pyfast.append_kv(*(a[k] for k in ("k_cache", "v_cache", "block_keys", "cache_seqlens",
+                                                              "k_new", "v_new")),
+                                            block_size=a["block_size"], backend=backend),
+        APPEND_CASES,
+    ),
+}
+
+ENTRY_POINTS = ["public", "op"] + [f"{e}:{b}" for e in ("public", "op") for b in BACKENDS]
+
+
+def _params():
+    for op, (_, _, cases) in OPS.items():
+        for case in cases:
+            for entry in ENTRY_POINTS:
+                if case.binding and entry.startswith("op"):
+                    continue
+                yield pytest.param(op, case, entry, id=f"{op}-{case.id}-{entry}")
+
+
+def _schema_order(op: str, a: dict) -> list:
+    return [a[name] for name in _registry.REGISTRY[op].arg_names]
+
+
+@pytest.mark.parametrize("op, case, entry", list(_params()))
+def test_bad_input(op, case, entry):
+    make, public, _ = OPS[op]
+    a = make()
+    valid_written = {n: a[n].clone() for n in ("k_cache", "v_cache", "block_keys", "cache_seqlens") if op == "append_kv"}
+    case.mutate(a)
+    kind, _, backend = entry.partition(":")
+    backend = backend or None
+    written = [(n, a[n]) for n in valid_written if isinstance(a[n], torch.Tensor) and a[n].device.type == "cpu"]
+    before = [(n, t.clone()) for n, t in written]
+    with pytest.raises(case.error, match=rf"^pyfast\.{op}: expected {case.names}"):
+        if kind == "public":
+            public(a, backend)
+        else:
+            _registry.REGISTRY[op].overload(*_schema_order(op, a), backend=backend)
+    for (name, t), (_, want) in zip(written, before):
+        assert torch.equal(t, want) or (t.isnan() == want.isnan()).all(), f"{name} was written"
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_valid_call_passes_every_entry_point(op):
+    """The table's valid call is valid: every entry point accepts it (so each case fails for its
+    mutation alone)."""
+    make, public, _ = OPS[op]
+    for entry in ENTRY_POINTS:
+        a = make()
+        kind, _, backend = entry.partition(":")
+        if kind == "public":
+            public(a, backend or None)
+        else:
+            _registry.REGISTRY[op].overload(*_schema_order(op, a), backend=backend or None)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_unknown_and_unavailable_backend(op, monkeypatch):
+    make, public, _ = OPS[op]
+    with pytest.raises(ValueError, match=rf"^pyfast\.{op}: expected backend one of"):
+        public(make(), "tpu")
+    with pytest.raises(ValueError, match=rf"^pyfast\.{op}: expected tensors on a CUDA device"):
+        public(make(), "cuda")
+    import pyfast.kernels._utils as triton_utils
+
+    monkeypatch.setattr(triton_utils, "INTERPRETED", False)  # as on a machine without a GPU driver
+    with pytest.raises(ValueError, match=rf"^pyfast\.{op}: expected backend 'triton' only with"):
+        public(make(), "triton")
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_all_meta_follows_meta_semantics(op):
+    """Every tensor on the meta device: the fake impl runs the rules and returns meta outputs."""
+    make, _, _ = OPS[op]
+    a = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in make().items()}
+    out = _registry.REGISTRY[op].overload(*_schema_order(op, a))
+    assert out is None or out.device.type == "meta"
