@@ -7,7 +7,7 @@ PYFAST_FORCE_CPU=1 (build the CPU kernels only even where CUDA is available).
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 import torch
@@ -64,8 +64,14 @@ else:
         extra_link_args=["-fopenmp"],
     )
 
+# Every package under pyfast/ (found, never listed by hand). pyfast/kernels is a link to kernels/,
+# the Triton kernels, shipped inside the wheel as pyfast.kernels (package_dir names the real folder).
+PACKAGES = sorted(set(find_packages(include=["pyfast", "pyfast.*"])) | {"pyfast.kernels"})
+
 setup(
     version=VERSION,
+    packages=PACKAGES,
+    package_dir={"pyfast.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -28,7 +28,13 @@ def has_cuda_kernels() -> bool:
 
 
 def build_info() -> dict:
-    """How pyfast was built and what this process can run: version, torch version, CUDA, arch list, CPU ISA."""
+    """How pyfast was built and what this process can run: version, torch version, CUDA, arch list, CPU ISA.
+
+    Example:
+        >>> info = pyfast.build_info()
+        >>> sorted(info)
+        ['cpu_isa', 'cuda', 'cuda_arch_list', 'cuda_available', 'torch_version', 'triton', 'version']
+    """
     info = dict(_C.build_info())
     info["triton"] = has_triton()
     info["cuda_available"] = torch.cuda.is_available()

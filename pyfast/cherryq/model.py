@@ -42,6 +42,13 @@ def estimate_impact(
 
     Returns {layer name: float32 [out_features, in_features]} (Conv1D transposed to match).
     `loss_fn(model, batch)` defaults to the causal-LM loss of a transformers model.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> batches = [torch.randn(4, 128) for _ in range(3)]
+        >>> impact = pyfast.estimate_impact(model, batches, loss_fn=lambda m, x: m(x).square().mean())
+        >>> {name: tuple(t.shape) for name, t in impact.items()}
+        {'0': (64, 128), '2': (8, 64)}
     """
     layers = quantizable_layers(model, group_size=1) if layers is None else layers
     sums = {name: torch.zeros_like(linear_weight(m), dtype=torch.float32) for name, m in layers.items()}
@@ -89,7 +96,14 @@ def quantize_model(
 ) -> nn.Module:
     """Replace (in place) every nn.Linear / GPT-2 Conv1D with in_features % group_size == 0 by a
     CherryQLinear. impact: {layer name: [out, in]} from `estimate_impact` (default |w|).
-    cherries_per_row=0 gives plain round-to-nearest. qat=True leaves the layers in QAT mode."""
+    cherries_per_row=0 gives plain round-to-nearest. qat=True leaves the layers in QAT mode.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> model = pyfast.quantize_model(model, bits=3, group_size=128)  # in_features 64 < 128: kept
+        >>> [type(m).__name__ for m in model]
+        ['CherryQLinear', 'ReLU', 'Linear']
+    """
     for name, layer in quantizable_layers(model, group_size, skip).items():
         imp = None if impact is None else impact.get(name)
         _set_submodule(model, name, CherryQLinear.from_linear(
@@ -98,7 +112,15 @@ def quantize_model(
 
 
 def finish_qat(model: nn.Module) -> nn.Module:
-    """Pack every CherryQLinear still in QAT mode."""
+    """Pack every CherryQLinear still in QAT mode.
+
+    Example:
+        >>> model = pyfast.quantize_model(torch.nn.Sequential(torch.nn.Linear(128, 16)), group_size=64, qat=True)
+        >>> model(torch.randn(2, 128)).sum().backward()          # train the float master weights ...
+        >>> model = pyfast.finish_qat(model)                      # ... then pack them
+        >>> model[0].qat
+        False
+    """
     for m in model.modules():
         if isinstance(m, CherryQLinear):
             m.finish_qat()
@@ -110,7 +132,18 @@ _META_KEY = "pyfast.cherryq"
 
 
 def save_quantized(model: nn.Module, path: str) -> None:
-    """Save a model's state_dict with safetensors, plus each CherryQLinear's config as metadata."""
+    """Save a model's state_dict with safetensors, plus each CherryQLinear's config as metadata.
+
+    Example (and the way back, `load_quantized`):
+        >>> import os, tempfile
+        >>> model = pyfast.quantize_model(torch.nn.Sequential(torch.nn.Linear(128, 16)), group_size=64)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> pyfast.save_quantized(model, path)
+        >>> fresh = pyfast.load_quantized(torch.nn.Sequential(torch.nn.Linear(128, 16)), path)
+        >>> x = torch.randn(3, 128)
+        >>> torch.equal(fresh(x), model(x))
+        True
+    """
     from safetensors.torch import save_file
 
     config = {name: {"bits": m.bits, "group_size": m.group_size, "cherries_per_row": m.cherries_per_row,
@@ -125,7 +158,14 @@ def load_quantized(model: nn.Module, path: str, *, strict: bool = True) -> nn.Mo
     the layers named in the file's metadata become CherryQLinear. Every tensor must have the
     dtype and shape the model (and the CherryQ format) gives it: no silent conversion. Errors on
     a truncated, tampered or mismatched file (TypeError for a dtype, ValueError otherwise), from
-    the header before reading any data, and leave the model unchanged."""
+    the header before reading any data, and leave the model unchanged.
+
+    Example: see `save_quantized`.
+        >>> pyfast.load_quantized(torch.nn.Linear(4, 4), "/nonexistent.safetensors")
+        Traceback (most recent call last):
+        ...
+        ValueError: pyfast.load_quantized: expected path a readable safetensors file, got /nonexistent.safetensors ...
+    """
     from safetensors import safe_open
 
     op = "load_quantized"
@@ -136,7 +176,7 @@ def load_quantized(model: nn.Module, path: str, *, strict: bool = True) -> nn.Mo
             meta = f.metadata() or {}
             header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise ValueError(f"pyfast.{op}: cannot read {path}: {e}") from e
+        raise ValueError(f"pyfast.{op}: expected path a readable safetensors file, got {path} ({e})") from e
     try:
         config = json.loads(meta[_META_KEY])
     except (KeyError, json.JSONDecodeError) as e:
@@ -151,7 +191,7 @@ def load_quantized(model: nn.Module, path: str, *, strict: bool = True) -> nn.Mo
         with safe_open(path, framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in keys}
     except Exception as e:
-        raise ValueError(f"pyfast.{op}: cannot read {path}: {e}") from e
+        raise ValueError(f"pyfast.{op}: expected path a readable safetensors file, got {path} ({e})") from e
     new = {}
     for name, (layer, c) in layers.items():
         check_cherries(name, CherryQWeight(*(tensors[f"{name}.{f}"] for f in TENSOR_FIELDS), bits=c["bits"],

@@ -41,8 +41,9 @@ class CherryQLinear(nn.Module):
     estimator, the cherries (fixed positions) get their exact gradient; `finish_qat` packs.
 
     Example:
-        >>> q = CherryQLinear.from_linear(nn.Linear(1024, 512), bits=3)
-        >>> y = q(torch.randn(4, 1024))   # [4, 512]
+        >>> q = pyfast.CherryQLinear.from_linear(torch.nn.Linear(1024, 512), bits=3)
+        >>> q(torch.randn(4, 1024)).shape
+        torch.Size([4, 512])
     """
 
     def __init__(

@@ -44,6 +44,12 @@ class SparseKVCache:
     a decode kernel reads from the cache, i.e. K and V rows of the kept tokens plus, when there is a
     choice to make (0 < topk < candidate blocks), the mean key of every candidate block (as the
     CPU kernel does); the dense baseline reads K and V of every valid token.
+
+    Example:
+        >>> cache = pyfast.SparseKVCache(2, 1, 2, 64, max_length=512, topk=4)   # 2 layers, batch 1, 2 KV heads
+        >>> cache.append(0, torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64))
+        >>> cache.attend(0, torch.randn(1, 8, 64)).shape                        # GQA: 8 query heads
+        torch.Size([1, 8, 64])
     """
 
     def __init__(

@@ -196,6 +196,18 @@ def enable_sparse_decoding(model, *, max_length: int, **options) -> SparseDecodi
     options: batch_size=1, block_size=16, topk=64 (None: dense), sink_blocks=1, local_blocks=4,
     dtype, device, backend. The model stays exact without the cache (SDPA); undo with
     disable_sparse_decoding(model). On an error (bad option) the model is left unchanged.
+
+    Example (a tiny random Llama; any transformers decoder with SDPA attention works the same):
+        >>> import transformers
+        >>> cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        ...                                num_key_value_heads=2, intermediate_size=128)
+        >>> model = transformers.LlamaForCausalLM(cfg).eval()
+        >>> ids = torch.randint(0, 97, (1, 40))
+        >>> cache = pyfast.enable_sparse_decoding(model, max_length=64, topk=2)
+        >>> out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+        >>> out.shape
+        torch.Size([1, 48])
+        >>> pyfast.disable_sparse_decoding(model)
     """
     cache = SparseDecodingCache(model, max_length=max_length, **options)  # checks everything first
     previous = model.config._attn_implementation
@@ -206,7 +218,11 @@ def enable_sparse_decoding(model, *, max_length: int, **options) -> SparseDecodi
 
 
 def disable_sparse_decoding(model) -> None:
-    """Give `model` back the attention implementation it had before enable_sparse_decoding."""
+    """Give `model` back the attention implementation it had before enable_sparse_decoding.
+
+    Example: see `enable_sparse_decoding`.
+        >>> pyfast.disable_sparse_decoding(torch.nn.Linear(2, 2))   # never enabled: nothing to undo
+    """
     previous = getattr(model, "_pyfast_previous_attn", None)
     if previous is not None:
         model.set_attn_implementation(previous)
