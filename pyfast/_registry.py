@@ -257,6 +257,23 @@ def resolve_backend(opdef: OpDef, backend: str | None, device: torch.device, arg
     return backend
 
 
+def kernel_backends(opdef: OpDef, device: str | torch.device, *, interpreter: bool = False) -> list[str]:
+    """The kernel implementations (every backend but the reference) of `opdef` that run on
+    `device` in this build, default first; the Triton interpreter counts only with `interpreter`.
+    The per-op tests and the bench runner take their backends from here."""
+    device = torch.device(device)
+    found = []
+    for backend in opdef.impls:
+        if backend == "reference" or (backend == "triton" and device.type == "cpu" and not interpreter):
+            continue
+        try:
+            resolve_backend(opdef, backend, device, ())
+        except ValueError:
+            continue
+        found.append(backend)
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------

@@ -19,14 +19,11 @@ import dataclasses
 import pytest
 import torch
 
+import op_cases
 import pyfast
 from pyfast import _registry
-from pyfast.cherryq.format import CherryQWeight
 
-HAS_TRITON = pyfast.build_info()["triton"]
-BACKENDS = [b for b in ("cpu", "reference", "triton") if b != "triton" or HAS_TRITON]
-if torch.cuda.is_available():
-    BACKENDS.append("cuda")
+BACKENDS = op_cases.BACKENDS
 
 
 @dataclasses.dataclass
@@ -36,18 +33,6 @@ class Case:
     error: type
     names: str  # the argument the message names
     binding: bool = False  # a Python-only mutation (public entry points only)
-
-
-def _args_cherryq():
-    qw = pyfast.cherryq_quantize(torch.randn(24, 128), bits=3, group_size=64, cherries_per_row=3)
-    return dict(x=torch.randn(2, 128), qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros,
-                cherry_idx=qw.cherry_idx, cherry_val=qw.cherry_val, bias=torch.randn(24), bits=3, group_size=64)
-
-
-def _public_cherryq(a, backend):
-    fields = ("qweight", "scales", "zeros", "cherry_idx", "cherry_val", "bits", "group_size")
-    qw = CherryQWeight(*(a[f] for f in fields))
-    return pyfast.cherryq_matmul(a["x"], qw, a["bias"], backend=backend)
 
 
 def _set(**kw):
@@ -101,30 +86,6 @@ CHERRYQ_CASES = [
     Case("group_size_str", _set(group_size="64"), TypeError, "group_size", binding=True),
     Case("x_list", _edit("x", lambda t, a: t.tolist()), TypeError, "x", binding=True),
 ]
-
-
-def _args_cache():
-    from sparse.sparse_cases import make_cache, make_query
-
-    k, v, bk, n = make_cache(2, 2, 64, 16, torch.float32, lengths=[40, 9])
-    return dict(q=make_query(2, 4, 16, torch.float32), k_cache=k.nan_to_num(), v_cache=v.nan_to_num(),
-                cache_seqlens=n, block_keys=bk.nan_to_num())
-
-
-def _args_decode():
-    a = _args_cache()
-    del a["block_keys"]
-    return a | dict(scale=None)
-
-
-def _args_sparse():
-    return _args_cache() | dict(block_size=16, topk=4, sink_blocks=1, local_blocks=1, scale=None)
-
-
-def _args_append():
-    a = _args_cache()
-    del a["q"]
-    return a | dict(k_new=torch.randn(2, 2, 20, 16), v_new=torch.randn(2, 2, 20, 16), block_size=16)
 
 
 def _seqlens(*values):
@@ -191,27 +152,11 @@ APPEND_CASES = [
     Case("block_size_float", _set(block_size=16.0), TypeError, "block_size", binding=True),
 ]
 
-OPS = {
-    "cherryq_matmul": (_args_cherryq, _public_cherryq, CHERRYQ_CASES),
-    "decode_attention": (
-        _args_decode,
-        lambda a, backend: pyfast.decode_attention(*list(a.values())[:4], scale=a["scale"], backend=backend),
-        ATTENTION_CASES,
-    ),
-    "sparse_decode_attention": (
-        _args_sparse,
-        lambda a, backend: pyfast.sparse_decode_attention(
-            *list(a.values())[:5], **{k: a[k] for k in ("block_size", "topk", "sink_blocks", "local_blocks", "scale")},
-            backend=backend),
-        ATTENTION_CASES + SPARSE_OPTION_CASES,
-    ),
-    "append_kv": (
-        _args_append,
-        lambda a, backend: pyfast.append_kv(*(a[k] for k in ("k_cache", "v_cache", "block_keys", "cache_seqlens",
-                                                              "k_new", "v_new")),
-                                            block_size=a["block_size"], backend=backend),
-        APPEND_CASES,
-    ),
+OPS = {  # op -> (valid call, public entry point, bad-input cases)
+    "cherryq_matmul": (*op_cases.OPS["cherryq_matmul"], CHERRYQ_CASES),
+    "decode_attention": (*op_cases.OPS["decode_attention"], ATTENTION_CASES),
+    "sparse_decode_attention": (*op_cases.OPS["sparse_decode_attention"], ATTENTION_CASES + SPARSE_OPTION_CASES),
+    "append_kv": (*op_cases.OPS["append_kv"], APPEND_CASES),
 }
 
 ENTRY_POINTS = ["public", "op"] + [f"{e}:{b}" for e in ("public", "op") for b in BACKENDS]
@@ -224,10 +169,6 @@ def _params():
                 if case.binding and entry.startswith("op"):
                     continue
                 yield pytest.param(op, case, entry, id=f"{op}-{case.id}-{entry}")
-
-
-def _schema_order(op: str, a: dict) -> list:
-    return [a[name] for name in _registry.REGISTRY[op].arg_names]
 
 
 @pytest.mark.parametrize("op, case, entry", list(_params()))
@@ -244,7 +185,7 @@ def test_bad_input(op, case, entry):
         if kind == "public":
             public(a, backend)
         else:
-            _registry.REGISTRY[op].overload(*_schema_order(op, a), backend=backend)
+            _registry.REGISTRY[op].overload(*op_cases.schema_order(op, a), backend=backend)
     for (name, t), (_, want) in zip(written, before):
         assert torch.equal(t, want) or (t.isnan() == want.isnan()).all(), f"{name} was written"
 
@@ -260,7 +201,7 @@ def test_valid_call_passes_every_entry_point(op):
         if kind == "public":
             public(a, backend or None)
         else:
-            _registry.REGISTRY[op].overload(*_schema_order(op, a), backend=backend or None)
+            _registry.REGISTRY[op].overload(*op_cases.schema_order(op, a), backend=backend or None)
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -282,5 +223,5 @@ def test_all_meta_follows_meta_semantics(op):
     """Every tensor on the meta device: the fake impl runs the rules and returns meta outputs."""
     make, _, _ = OPS[op]
     a = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in make().items()}
-    out = _registry.REGISTRY[op].overload(*_schema_order(op, a))
+    out = _registry.REGISTRY[op].overload(*op_cases.schema_order(op, a))
     assert out is None or out.device.type == "meta"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfast
+from pyfast._registry import REGISTRY, kernel_backends
 from pyfast.bench.runner import Case
 
 ROTATE = 8
@@ -64,9 +65,7 @@ def _shape_cases(device: str, m: int, n: int, k: int) -> list[Case]:
     except RuntimeError:  # some torch builds lack this kernel
         pass
     qbytes = qws[0].nbytes() + io
-    info = pyfast.build_info()
-    backends = ["cpu"] if device == "cpu" else ["cuda"] * info["cuda"] + ["triton"] * info["triton"]
-    for b in backends:
+    for b in kernel_backends(REGISTRY["cherryq_matmul"], device):
         cases.append(Case("cherryq_matmul", shape, f"pyfast {b} {BITS}b g{GROUP}",
                           lambda i, b=b: pyfast.cherryq_matmul(x, qws[i], backend=b), ROTATE, bytes=qbytes))
     return cases

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("copy", "cherryq", "sparse")
+FAMILIES = ("copy", "cherryq", "sparse", "overhead")
 
 
 @dataclasses.dataclass
@@ -31,6 +31,7 @@ class Case:
     bytes: float = 0.0  # bytes that must move (memory-bound ops: report GB/s)
     flops: float = 0.0  # report TFLOP/s when bytes == 0
     baseline: bool = False
+    min_repeats: int = 0  # microsecond-scale cases need many samples for a stable median
 
 
 def add_arguments(p) -> None:
@@ -84,7 +85,7 @@ def time_case(case: Case, device: str, repeats: int) -> dict:
 def run_cases(cases: list[Case], device: str, repeats: int) -> list[dict]:
     rows = []
     for c in cases:
-        t = time_case(c, device, repeats)
+        t = time_case(c, device, max(repeats, c.min_repeats))
         row = {"op": c.op, "shape": c.shape, "impl": c.impl, "baseline": c.baseline, **t}
         if c.bytes:
             row["GB/s"] = c.bytes / (t["ms"] * 1e-3) / 1e9
@@ -94,6 +95,8 @@ def run_cases(cases: list[Case], device: str, repeats: int) -> list[dict]:
     for row in rows:  # speed-up over the PyTorch baseline of the same (op, shape)
         base = [r for r in rows if r["baseline"] and (r["op"], r["shape"]) == (row["op"], row["shape"])]
         row["speedup"] = base[0]["ms"] / row["ms"] if base else None
+        if row["op"] == "overhead" and base:  # per-call cost above the bare kernel, in microseconds
+            row["overhead_us"] = (row["ms"] - base[0]["ms"]) * 1e3
     return rows
 
 

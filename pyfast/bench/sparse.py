@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfast
+from pyfast._registry import REGISTRY, kernel_backends
 from pyfast.bench.runner import Case
 
 B, HQ, HKV, D = 1, 32, 8, 128
@@ -49,9 +50,7 @@ def _length_cases(device: str, length: int) -> list[Case]:
         return F.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True)
 
     cases = [Case("decode_attention", shape, "SDPA", sdpa, rotate, bytes=kv_bytes, baseline=True)]
-    info = pyfast.build_info()
-    backends = ["cpu"] if device == "cpu" else ["cuda"] * info["cuda"] + ["triton"] * info["triton"]
-    for be in backends:
+    for be in kernel_backends(REGISTRY["decode_attention"], device):
         cases.append(Case("decode_attention", shape, f"pyfast {be} dense",
                           lambda i, be=be: pyfast.decode_attention(q, *caches[i][:2], caches[i][3], backend=be),
                           rotate, bytes=kv_bytes))

@@ -1,0 +1,123 @@
+"""The op registry itself, for every registered op: opcheck and torch.compile for each backend that
+runs here, the same kernel from torch.ops.pyfast.<op> as from pyfast.<op>(backend=None), the
+default rule on CUDA, and the public function's fast path equal to the dispatcher path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import op_cases
+from pyfast import _ops, _registry
+
+OPS = sorted(_registry.REGISTRY)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _on(device: str, a: dict) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+
+
+def _twice(make) -> tuple[dict, dict]:
+    """Two equal valid calls (the builders draw random inputs)."""
+    torch.manual_seed(0)
+    a = make()
+    torch.manual_seed(0)
+    return a, make()
+
+
+def test_every_op_declares_everything():
+    for name, op in _registry.REGISTRY.items():
+        assert op.overload is getattr(torch.ops.pyfast, name).default
+        assert {"cpu", "reference"} <= set(op.impls), name
+        assert callable(op.check) and callable(op.fake), name
+        assert op.arg_names and op.tensor_args, name
+
+
+@pytest.mark.parametrize("backend", op_cases.BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op, backend):
+    make, _ = op_cases.OPS[op]
+    a = make()
+    opdef = _registry.REGISTRY[op]
+    if opdef.autograd is not None:  # exercise the registered backward too
+        first = opdef.arg_names[0]
+        a[first] = a[first].clone().requires_grad_()
+    device = "cuda" if backend == "cuda" else "cpu"
+    torch.library.opcheck(opdef.overload, tuple(op_cases.schema_order(op, _on(device, a))), {"backend": backend})
+
+
+@pytest.mark.parametrize("backend", [b for b in op_cases.BACKENDS if b != "triton"])
+@pytest.mark.parametrize("op", OPS)
+def test_compile_fullgraph(op, backend):
+    """pyfast.<op> traced whole by torch.compile gives the eager result (the rules run in the fake
+    impl while tracing, and again at run time)."""
+    make, public = op_cases.OPS[op]
+    device = "cuda" if backend == "cuda" else "cpu"
+    a_eager, a_compiled = (_on(device, a) for a in _twice(make))
+    compiled = torch.compile(lambda a: public(a, backend), fullgraph=True, backend="aot_eager")
+    want, got = public(a_eager, backend), compiled(a_compiled)
+    if want is None:  # append_kv: compare what it wrote
+        for k in ("k_cache", "v_cache", "block_keys", "cache_seqlens"):
+            torch.testing.assert_close(a_compiled[k], a_eager[k], equal_nan=True)
+    else:
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_raw_op_runs_the_public_default(op, device, monkeypatch):
+    """torch.ops.pyfast.<op> and pyfast.<op>(backend=None) run the same implementation (on CUDA:
+    the fastest kernel, never the reference), and the public fast path equals the dispatcher path."""
+    opdef = _registry.REGISTRY[op]
+    ran = []
+    spied = {name: (lambda *args, _f=fn, _n=name: ran.append(_n) or _f(*args)) for name, fn in opdef.impls.items()}
+    monkeypatch.setattr(opdef, "impls", spied)
+    make, public = op_cases.OPS[op]
+    a1, a2 = (_on(device, a) for a in _twice(make))
+    out_public = public(a1, None)
+    out_raw = opdef.overload(*op_cases.schema_order(op, a2))
+    assert len(ran) == 2 and ran[0] == ran[1] != "reference", ran
+    assert ran[0] == ("cpu" if device == "cpu" else opdef.default_cuda(*op_cases.schema_order(op, a1)))
+    if out_public is not None:
+        torch.testing.assert_close(out_raw, out_public, equal_nan=True)
+
+
+def test_default_rule_on_cuda(monkeypatch):
+    """What backend=None picks for CUDA tensors, per build (checked on meta tensors, no GPU needed):
+    the CUDA C++ kernel where the build has it and the shape fits it, Triton otherwise."""
+    cq, dec = _registry.REGISTRY["cherryq_matmul"], _registry.REGISTRY["decode_attention"]
+    qw = op_cases.OPS["cherryq_matmul"][0]()
+
+    def cq_args(rows):
+        a = dict(qw, x=torch.empty(rows, 128, device="meta"))
+        return op_cases.schema_order("cherryq_matmul", a)
+
+    def dec_args(d):
+        return (torch.empty(1, 4, d, device="meta"),)
+
+    for cuda_kernels, triton in ((True, True), (True, False), (False, True)):
+        monkeypatch.setattr(_ops, "has_cuda_kernels", lambda v=cuda_kernels: v)
+        monkeypatch.setattr(_ops, "has_triton", lambda v=triton: v)
+        want_small = "cuda" if cuda_kernels else "triton"
+        assert cq.default_cuda(*cq_args(8)) == want_small
+        assert cq.default_cuda(*cq_args(9)) == ("triton" if triton else "cuda")
+        assert dec.default_cuda(*dec_args(256)) == want_small
+        assert dec.default_cuda(*dec_args(320)) == ("triton" if triton else "cuda")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_public_fast_path_only_for_plain_eager_calls(op, monkeypatch):
+    """Plain eager calls skip the dispatcher; a call under a dispatch mode must not (here: the
+    FakeTensorMode of torch.compile's tracing, which only the dispatcher path honours)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    opdef = _registry.REGISTRY[op]
+    make, public = op_cases.OPS[op]
+    a = make()
+    assert _registry._plain_eager(opdef, op_cases.schema_order(op, a))
+    with FakeTensorMode() as mode:
+        fa = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+        assert not _registry._plain_eager(opdef, op_cases.schema_order(op, fa))
+        out = public(fa, None)
+    assert out is None or type(out).__name__ == "FakeTensor"
