@@ -28,3 +28,20 @@ for f in $files; do
   [ -z "${NVCC_VERBOSE:-}" ] || echo "$out"
 done
 echo "nvcc compile-check: $(echo "$files" | wc -l) file(s) OK"
+
+# The ATen host side of the CUDA kernels (*_cuda_host.cpp, and module.cpp's CUDA bindings) needs a
+# CUDA build of torch to compile; with a CPU torch, check it for syntax and types against torch's
+# headers and the toolkit's (the one header a CPU wheel lacks, cuda_cmake_macros.h, is stubbed).
+CUDA_INC=$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/include
+[ -f "$CUDA_INC/cuda_runtime_api.h" ] || CUDA_INC=$(ls -d /usr/local/cuda*/include 2>/dev/null | head -1)
+stub=$(mktemp -d)
+mkdir -p "$stub/c10/cuda/impl" && echo "#pragma once" > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
+torch_inc=$(python -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+for f in $(find csrc -name "*_cuda_host.cpp" | sort) csrc/module.cpp; do
+  echo "-- $f (host, syntax)"
+  # shellcheck disable=SC2086
+  g++ -std=c++17 -fsyntax-only -DPYFAST_WITH_CUDA -DTORCH_EXTENSION_NAME=_C -Icsrc $torch_inc -I"$stub" \
+      -I"$CUDA_INC" $(python3-config --includes) "$f"
+done
+rm -rf "$stub"
+echo "CUDA host syntax check: OK"

@@ -1,4 +1,4 @@
-"""Test helpers shared by every family: one assert_close, the tolerances of DESIGN.md, NaN poisoning."""
+"""Test helpers shared by every family: one assert_close, the tolerances of docs/design.md § Testing, NaN poisoning."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-# Relative error ||out - ref|| / ||ref|| allowed per output dtype (DESIGN.md § Tests).
+# Relative error ||out - ref|| / ||ref|| allowed per output dtype (docs/design.md § Testing).
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 REL_TOL_TF32 = 3e-4  # fp32 on GPUs (TF32 tensor cores)
 

@@ -1,6 +1,6 @@
 """Kinetics block top-k sparse decoding: the executable spec (float64 math, pure PyTorch).
 
-Layouts (DESIGN.md § Sparse decoding):
+Layouts (docs/design.md § Layouts):
     k_cache, v_cache  [B, Hkv, Tmax, D]          the KV cache, token t of sequence b at [b, :, t]
     cache_seqlens     int32 [B]                  L_b valid tokens per sequence
     block_keys        [B, Hkv, Tmax // bs, D]    mean of the keys of each *full* block of bs tokens

@@ -1,6 +1,6 @@
 """SparseKVCache: a preallocated multi-layer KV cache for Kinetics block top-k decoding.
 
-Layout (one slice per layer, views of four allocations; DESIGN.md § Sparse decoding):
+Layout (one slice per layer, views of four allocations; docs/design.md § Layouts):
     k_cache[i], v_cache[i]   [B, Hkv, Tmax, D]          token t of sequence b at [b, :, t]
     block_keys[i]            [B, Hkv, Tmax // bs, D]    mean key of every full block (kept by append_kv)
     cache_seqlens[i]         int32 [B]                  valid tokens per sequence (may differ per b)
