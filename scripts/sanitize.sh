@@ -60,6 +60,9 @@ if [ -f "$VENV/.pyfast-stamp" ] && [ "$(cat "$VENV/.pyfast-stamp")" = "$STAMP" ]
 else
   echo "== sanitized build (ASan + UBSan, MAX_JOBS=$MAX_JOBS) into $VENV =="
   rm -f "$VENV/.pyfast-stamp"
+  # Keep build/temp* (ninja's objects, for an incremental rebuild); drop the staged package
+  # trees so a module deleted from the source does not linger in the install.
+  rm -rf "$SRC"/build/lib.* "$SRC"/build/bdist.*
   t0=$(date +%s)
   (cd "$SRC" && PYFAST_SANITIZE=1 "$VPY" -m pip install -q --no-build-isolation --no-deps --force-reinstall .)
   echo "sanitized build: $(( $(date +%s) - t0 )) s"
