@@ -9,9 +9,9 @@
 # made with --system-site-packages (torch, triton, pytest come from the system Python). The
 # install is skipped when the copied sources, compiler, Python and torch are unchanged; the
 # build folder is kept, so a change recompiles only what it touches. pytest then runs from this
-# checkout's root with `python -P` (cwd not on sys.path), so `import pyfast` resolves to the
-# venv's copy (checked before and during the run). Exits non-zero on a test failure and on any
-# sanitizer report (reports go to $VENV/logs and are printed at the end).
+# checkout's root with PYTHONSAFEPATH=1 (cwd not on sys.path, in subprocesses too), so
+# `import pyfast` resolves to the venv's copy (checked before and during the run). Exits
+# non-zero on a test failure and on any sanitizer report.
 #
 # Environment: PYTHON (base interpreter, default python), PYFAST_SANITIZE_VENV, MAX_JOBS (default 2),
 # ASAN_OPTIONS / UBSAN_OPTIONS (appended to the defaults below).
@@ -36,6 +36,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv --system-site-packages "$VENV"
 fi
 VPY="$VENV/bin/python"
+"$VPY" -c 'import sys; assert sys.version_info >= (3, 11), "needs Python >= 3.11 (PYTHONSAFEPATH)"'
 
 # --- source snapshot: tracked + untracked-not-ignored files (mtimes kept, so ninja stays incremental)
 list_sources() {
@@ -78,6 +79,9 @@ rm -rf "$LOGS" && mkdir -p "$LOGS"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:log_path=$LOGS/asan${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
 export PYTHONDONTWRITEBYTECODE=1  # nothing written into the checkout (with -p no:cacheprovider)
+# cwd never on sys.path (python -P), also in subprocesses a test starts (`python -m pyfast ...`):
+# pytest runs from the repo root, whose source pyfast/ must not shadow the venv's copy.
+export PYTHONSAFEPATH=1
 
 # Every pyfast module comes from the venv (the system's editable install of this checkout is
 # visible through --system-site-packages, but behind the venv's site-packages), and libasan is in.
@@ -96,7 +100,7 @@ def pytest_collection_finish(session):  # as a pytest plugin: after tests/confte
     check_pyfast_modules()
 PY
 export PYFAST_SANITIZE_VENV_DIR="$VENV"
-LD_PRELOAD="$LIBASAN:$LIBUBSAN" PYTHONPATH="$VENV/check${PYTHONPATH:+:$PYTHONPATH}" "$VPY" -P - <<'PY'
+LD_PRELOAD="$LIBASAN:$LIBUBSAN" PYTHONPATH="$VENV/check${PYTHONPATH:+:$PYTHONPATH}" "$VPY" - <<'PY'
 import pyfast, pyfast._C, pyfast.kernels, pyfast.testing
 from pyfast_sanitize_check import check_pyfast_modules
 check_pyfast_modules()
@@ -112,7 +116,7 @@ echo "== pytest under ASan + UBSan: $* =="
 t0=$(date +%s)
 set +e
 (cd "$ROOT" && PYTHONPATH="$VENV/check${PYTHONPATH:+:$PYTHONPATH}" \
-  LD_PRELOAD="$LIBASAN:$LIBUBSAN" "$VPY" -P -m pytest -p no:cacheprovider -p pyfast_sanitize_check \
+  LD_PRELOAD="$LIBASAN:$LIBUBSAN" "$VPY" -m pytest -p no:cacheprovider -p pyfast_sanitize_check \
   --capture=sys "$@") 2>&1 | tee "$LOGS/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e
