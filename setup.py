@@ -1,7 +1,9 @@
 """Build pyfast._C: a CUDAExtension when torch has CUDA and nvcc is found, else a CppExtension.
 
 Environment: MAX_JOBS (parallel compile jobs), TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"),
-PYFAST_FORCE_CPU=1 (build the CPU kernels only even where CUDA is available).
+PYFAST_FORCE_CPU=1 (build the CPU kernels only even where CUDA is available),
+PYFAST_SANITIZE=1 (CPU build only: ASan + UBSan, -O1 -g; load it with gcc's libasan/libubsan
+in LD_PRELOAD, see scripts/sanitize.sh).
 """
 
 import glob
@@ -28,14 +30,16 @@ def sources(pattern: str) -> list[str]:
 
 VERSION = read_version()
 NVCC = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+SANITIZE = os.environ.get("PYFAST_SANITIZE") == "1"
 WITH_CUDA = (
-    torch.version.cuda is not None
+    not SANITIZE
+    and torch.version.cuda is not None
     and NVCC is not None
     and os.path.exists(NVCC)
     and os.environ.get("PYFAST_FORCE_CPU") != "1"
 )
 if torch.version.cuda is not None and not WITH_CUDA:
-    print("pyfast: torch has CUDA but nvcc was not found (or PYFAST_FORCE_CPU=1): building the CPU kernels only")
+    print("pyfast: torch has CUDA but nvcc was not found (or PYFAST_FORCE_CPU=1 or PYFAST_SANITIZE=1): building the CPU kernels only")
 ARCH_LIST = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a") if WITH_CUDA else ""
 
 # Host sources: the schema, the pybind module and every CPU kernel. The *_cuda_host.cpp files
@@ -43,6 +47,16 @@ ARCH_LIST = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a") if WITH_CU
 cpp_sources = [s for s in sources("**/*.cpp") if not s.endswith("_cuda_host.cpp")]
 defines = [f'-DPYFAST_VERSION="{VERSION}"', f'-DPYFAST_CUDA_ARCH_LIST="{ARCH_LIST}"']
 cxx_flags = ["-O3", "-fopenmp", *defines]  # the C++ standard is the one torch asks for
+link_flags = ["-fopenmp"]
+if SANITIZE:
+    # ASan + UBSan, any UB report fatal. These come after Python's own CFLAGS and -O3, so they
+    # win: -O1 -g, and -fno-wrapv because Python's -fwrapv turns off UBSan's signed-overflow
+    # check. The .so links the shared libasan/libubsan; python itself is not instrumented, so
+    # they must be LD_PRELOADed.
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    cxx_flags += [*san, "-fno-wrapv", "-g", "-O1"]
+    link_flags += san
+    print("pyfast: PYFAST_SANITIZE=1: CPU build with ASan + UBSan")
 if WITH_CUDA:
     ext = CUDAExtension(
         "pyfast._C",
@@ -53,7 +67,7 @@ if WITH_CUDA:
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", *defines],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension(
@@ -61,7 +75,7 @@ else:
         cpp_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
 
 # Every package under pyfast/ (found, never listed by hand). pyfast/kernels is a link to kernels/,
