@@ -42,5 +42,14 @@ def build_info() -> dict:
 
 
 def kernel(name: str):
-    """The compiled entry point `name` (csrc/kernels.h), e.g. "cherryq_matmul_cpu"."""
-    return getattr(_C, name)
+    """The compiled entry point `name` (csrc/kernels.h), e.g. "cherryq_matmul_cpu", as a function
+    that looks it up on first call (a CPU-only build has no *_cuda entry points)."""
+    fn = None
+
+    def call(*args):
+        nonlocal fn
+        if fn is None:
+            fn = getattr(_C, name)
+        return fn(*args)
+
+    return call

@@ -158,20 +158,22 @@ def _parse(opdef: OpDef) -> None:
 # ---------------------------------------------------------------------------------------------
 # Rules every op gets
 # ---------------------------------------------------------------------------------------------
-def _one_device(opdef: OpDef, args) -> bool:
-    """Fast test that every tensor argument is on the CPU, or all on one CUDA device."""
-    ts = [args[i] for i in opdef.tensor_args if args[i] is not None]
-    if all(t.is_cpu for t in ts):
-        return True
-    return all(t.is_cuda for t in ts) and len({t.get_device() for t in ts}) == 1
+_CPU = torch.device("cpu")
 
 
 def _check_common(opdef: OpDef, args) -> torch.device:
     """One device for every tensor argument; no requires_grad input to an op without backward.
     Returns the device."""
-    first = opdef.tensor_args[0]
-    device = args[first].device
-    if not _one_device(opdef, args):
+    for i in opdef.tensor_args:  # fast path (decode loops): every tensor on the CPU
+        t = args[i]
+        if t is not None and not t.is_cpu:
+            break
+    else:
+        device = _CPU
+        i = None
+    if i is not None:
+        first = opdef.tensor_args[0]
+        device = args[first].device
         for i in opdef.tensor_args:
             t = args[i]
             if t is not None and t.device != device:

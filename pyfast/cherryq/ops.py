@@ -145,8 +145,8 @@ CHERRYQ_MATMUL = _registry.define(_registry.OpDef(
     fake=_fake,
     autograd=_registry.Autograd(_backward, _setup_context),
     impls={
-        "cpu": lambda *a: _ops.kernel("cherryq_matmul_cpu")(*a),
-        "cuda": lambda *a: _ops.kernel("cherryq_matmul_cuda")(*a),
+        "cpu": _ops.kernel("cherryq_matmul_cpu"),
+        "cuda": _ops.kernel("cherryq_matmul_cuda"),
         "triton": _triton,
         "reference": _reference,
     },

@@ -92,8 +92,8 @@ def _kernels(name: str) -> dict:
         return getattr(launchers, name)(*args)
 
     return {
-        "cpu": lambda *a: _ops.kernel(f"{name}_cpu")(*a),
-        "cuda": lambda *a: _ops.kernel(f"{name}_cuda")(*a),
+        "cpu": _ops.kernel(f"{name}_cpu"),
+        "cuda": _ops.kernel(f"{name}_cuda"),
         "triton": triton,
     }
 
