@@ -1,9 +1,10 @@
 """Kinetics block top-k sparse decoding: KV cache with block mean keys, dense and sparse decode."""
 
-from pyfast.sparse.cache import SparseKVCache
+from pyfast.sparse.modules import SparseKVCache
 from pyfast.sparse.ops import append_kv, decode_attention, sparse_decode_attention
 
-# transformers integration (pyfast/sparse/hf.py), imported on first use: transformers is optional
+# The transformers integration (model conversion, pyfast/sparse/model.py) is imported on first use:
+# transformers is optional.
 HF_NAMES = ("SparseDecodingCache", "enable_sparse_decoding", "disable_sparse_decoding")
 
 __all__ = ["append_kv", "decode_attention", "sparse_decode_attention", "SparseKVCache", *HF_NAMES]
@@ -11,7 +12,7 @@ __all__ = ["append_kv", "decode_attention", "sparse_decode_attention", "SparseKV
 
 def __getattr__(name):
     if name in HF_NAMES:
-        from pyfast.sparse import hf
+        from pyfast.sparse import model
 
-        return getattr(hf, name)
+        return getattr(model, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

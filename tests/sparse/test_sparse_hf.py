@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import pyfast  # noqa: E402
-from pyfast.sparse.hf import ATTN_IMPLEMENTATION  # noqa: E402
+from pyfast.sparse.model import ATTN_IMPLEMENTATION  # noqa: E402
 
 BLOCK = 4  # small blocks, so a 37-token prompt has 9 of them and the selection matters
 PROMPT, NEW = 37, 24

@@ -6,7 +6,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 import pyfast  # noqa: E402
-from pyfast.sparse.hf import ATTN_IMPLEMENTATION  # noqa: E402
+from pyfast.sparse.model import ATTN_IMPLEMENTATION  # noqa: E402
 from test_sparse_hf import _tiny  # noqa: E402
 
 BAD = [

@@ -34,7 +34,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pyfast._validate import check_int
-from pyfast.sparse.cache import SparseKVCache
+from pyfast.sparse.modules import SparseKVCache
 from pyfast.sparse.ops import check_budget
 
 ATTN_IMPLEMENTATION = "pyfast_sparse"
