@@ -3,16 +3,63 @@ import os
 import pytest
 import torch
 
-# Triton kernels run on the CPU through the interpreter where there is no GPU. Must be set
-# before triton is first imported.
+# The one place that sets up the Triton interpreter: Triton kernels run on the CPU through it
+# where there is no GPU. Must be set before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pyfast  # noqa: E402
-from pyfast.testing import poisoned_outputs  # noqa: E402
+from pyfast._registry import REGISTRY  # noqa: E402
+from pyfast.testing import REL_TOL, poisoned_outputs, rel_tol  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = pyfast.build_info()["triton"]
+HAS_CUDA_KERNELS = bool(pyfast.build_info()["cuda"])
+TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+# The backends whose results the op tests compare with the float64 reference, in this order
+# ("reference" against itself is pointless: tests/*/test_*_reference.py check the spec itself).
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def device_for(backend: str) -> torch.device:
+    """Where a backend's tensors live: CUDA for "cuda", and for "triton" unless it runs in the
+    interpreter (CPU tensors); the CPU for "cpu" and "reference"."""
+    if backend == "cuda" or backend == "triton" and not TRITON_INTERPRETED:
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def tol(dtype: torch.dtype, backend: str) -> float:
+    """The relative tolerance of docs/design.md § Testing for `backend`'s results: fp32 3e-4 on
+    CUDA and in Triton on a GPU (tf32 dots), 1e-5 on the CPU and in the Triton interpreter (it
+    computes fp32 dots exactly); fp16/bf16 1e-2."""
+    if backend == "triton" and TRITON_INTERPRETED:
+        return REL_TOL[dtype]
+    return rel_tol(dtype, device_for(backend), backend=backend)
+
+
+def backend_marks(backend: str) -> list:
+    if backend == "cuda":  # `cuda` is skipped without a device (below); the build may lack the kernels
+        return [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a build with the CUDA kernels")]
+    if backend == "triton":
+        return [pytest.mark.skipif(not HAS_TRITON, reason="needs triton")]
+    return []
+
+
+def backends(op: str, only=None) -> list:
+    """pytest params for `backend`: the kernel backends of `op` (REGISTRY[op].impls), restricted to
+    `only` if given; "triton" skipped where triton is not installed, "cuda" marked `cuda`."""
+    impls = REGISTRY[op].impls
+    return [pytest.param(b, id=b, marks=backend_marks(b))
+            for b in KERNEL_BACKENDS if b in impls and (only is None or b in only)]
+
+
+def per_backend(op: str, cases: dict, ids=str) -> list:
+    """pytest params for (`backend`, `case`): each backend with its own case list (`cases[backend]`),
+    so the slow Triton interpreter gets small shapes and the CPU and CUDA kernels bigger ones."""
+    return [pytest.param(b.values[0], case, id=f"{b.values[0]}-{ids(case)}", marks=b.marks)
+            for b in backends(op, only=cases) for case in cases[b.values[0]]]
 
 
 @pytest.fixture(autouse=True)
