@@ -257,12 +257,15 @@ def _cherryq_gemm_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare(x2d, qweight, scales, cherry_idx, group_size):
-    """Sizes of a call whose arguments the registry checked (pyfast/cherryq/ops.py); x2d gets unit
-    stride along K (any row stride is fine). Returns (x2d, M, N, K, C)."""
+def _prepare(x2d, bias, qweight, scales, cherry_idx, group_size):
+    """Sizes of a call whose arguments the registry checked (pyfast/cherryq/ops.py). x2d gets unit
+    stride along K (any row stride is fine) and bias unit stride (the epilogue reads bias + o_n;
+    a strided or expanded bias is copied). Returns (x2d, bias, M, N, K, C)."""
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
-    return x2d, x2d.shape[0], qweight.shape[0], scales.shape[1] * group_size, cherry_idx.shape[1]
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    return x2d, bias, x2d.shape[0], qweight.shape[0], scales.shape[1] * group_size, cherry_idx.shape[1]
 
 
 def _gemv_split_k(N: int, K: int, group_size: int, device: torch.device) -> int:
@@ -282,7 +285,7 @@ def cherryq_gemv_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bia
     Deterministic: with split_k > 1 the fp32 partials go through a workspace and are summed in
     a fixed order by a second small kernel.
     """
-    x2d, M, N, K, C = _prepare(x2d, qweight, scales, cherry_idx, group_size)
+    x2d, bias, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y
@@ -340,7 +343,7 @@ def cherryq_gemm_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bia
     x: 3xTF32). block_m picks the tile config as if M were block_m (tests: force one M tile
     size). Returns y [M, N] in x2d's dtype.
     """
-    x2d, M, N, K, C = _prepare(x2d, qweight, scales, cherry_idx, group_size)
+    x2d, bias, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y

@@ -26,7 +26,10 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "
     nan_o, nan_r = torch.isnan(o), torch.isnan(r)
     finite = ~(nan_o | nan_r)
     diff = (o - r)[finite]
-    rel = (diff.norm() / r[finite].norm().clamp_min(1e-30)).item() if diff.numel() else 0.0
+    # Relative to the reference's norm however small (float64 holds 1e-300); an all-zero
+    # reference must be matched exactly.
+    ref_norm, diff_norm = r[finite].norm().item(), diff.norm().item() if diff.numel() else 0.0
+    rel = diff_norm / ref_norm if ref_norm > 0 else (0.0 if diff_norm == 0 else float("inf"))
     max_abs = diff.abs().max().item() if diff.numel() else 0.0
     ok = rel <= tol and torch.equal(nan_o, nan_r)
     assert ok, (

@@ -39,7 +39,10 @@ namespace {
 #include "cherryq/cherryq_cpu_epilogue.h"
 
 constexpr int kChunk = 64;            // codes per decode: two 32-code packs, one byte per code
-constexpr float kMinGroupMax = 0x1p-100f;  // smallest group max of x split into digits (split_x_digits)
+// Smallest group max of x split into digits (split_x_digits). The epilogue multiplies the step
+// (group max / 2^22) by the fp16 weight scale (>= 2^-24, its smallest subnormal) in fp32: from a
+// group max of 2^-80 on, that product stays >= 2^-126, a normal float, so no precision is lost.
+constexpr float kMinGroupMax = 0x1p-80f;
 constexpr int kPrefetchBytes = 4096;  // ~64 cache lines (~2.7 rows of 4096 3-bit codes) ahead
 
 // Decodes 64 codes (2 * BITS packed words) into one byte each, code c at byte c.
@@ -187,9 +190,9 @@ bool split_x_digits(const float* x, int64_t M, int64_t K, int64_t gs, int8_t* di
       }
       if (bad) return false;
       const float gmax = _mm512_reduce_max_ps(mx);
-      // A group max below 2^-100 would make the step gmax / 2^22 subnormal (digits lose bits) and,
-      // below ~2^-104, 2^22 / gmax overflow to inf (wrong results, even in sign): such x goes to
-      // the fp32 kernel, which is exact at any magnitude.
+      // Below kMinGroupMax the step times a small weight scale goes subnormal (and below ~2^-104
+      // 2^22 / gmax overflows to inf: wrong results, even in sign): such x goes to the fp32
+      // kernel, which keeps fp32 accuracy at any magnitude.
       if (gmax > 0.f && gmax < kMinGroupMax) return false;
       step[m * G + g] = gmax / 4194304.0f;  // 2^22 units per group max
       const __m512 inv = _mm512_set1_ps(gmax > 0.f ? 4194304.0f / gmax : 0.f);

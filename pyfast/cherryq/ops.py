@@ -32,16 +32,19 @@ def check_packed(op: str, qweight, scales, zeros, cherry_idx, cherry_val, bits, 
     if g < 1:
         fail(op, "scales", "[N, K / group_size] with at least one group (K >= group_size)", f"shape {list(scales.shape)}")
     k = g * group_size
-    check_tensor(op, "qweight", qweight, dtypes=(torch.int32,), shape=(n, k // PACK * bits))
-    check_tensor(op, "zeros", zeros, dtypes=(torch.float16,), shape=(n, g))
     check_tensor(op, "cherry_idx", cherry_idx, dtypes=(torch.int32,), ndim=2)
-    check_tensor(op, "cherry_idx", cherry_idx, shape=(n, None))
-    check_tensor(op, "cherry_val", cherry_val, dtypes=(torch.float16,), shape=(n, cherry_idx.shape[1]))
-    packed = (qweight, scales, zeros, cherry_idx, cherry_val)
-    if not all(t.is_contiguous() for t in packed):  # kernels read them as flat row-major arrays
-        for name, t in zip(("qweight", "scales", "zeros", "cherry_idx", "cherry_val"), packed):
-            if not t.is_contiguous():
-                fail(op, name, "contiguous (a packed weight tensor)", f"strides {list(t.stride())}")
+    c = cherry_idx.shape[1]
+    # name, tensor, dtype, shape; every one contiguous (kernels read them as flat row-major arrays).
+    # One loop without calls in the common case (decode makes many small calls); check_tensor
+    # reports what is wrong otherwise.
+    for name, t, dtype, shape in (("qweight", qweight, torch.int32, (n, k // PACK * bits)),
+                                  ("zeros", zeros, torch.float16, (n, g)),
+                                  ("cherry_idx", cherry_idx, torch.int32, (n, c)),
+                                  ("cherry_val", cherry_val, torch.float16, (n, c)),
+                                  ("scales", scales, torch.float16, (n, g))):
+        if type(t) is not torch.Tensor or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
+            check_tensor(op, name, t, dtypes=(dtype,), shape=shape)
+            fail(op, name, "contiguous (a packed weight tensor)", f"strides {list(t.stride())}")
     return n, k
 
 
