@@ -2,7 +2,7 @@
 # Runs pytest against an ASan + UBSan build of the CPU extension (PYFAST_SANITIZE=1, see setup.py).
 #
 #   bash scripts/sanitize.sh [pytest args...]
-#   e.g. bash scripts/sanitize.sh tests/sparse/test_sparse_cpu.py -k "not triton and not cuda"
+#   e.g. bash scripts/sanitize.sh tests/sparse/test_decode_attention.py -k "not triton and not cuda"
 #
 # The sanitized build never touches this checkout's own install: the source is copied to
 # $VENV/src and installed (non-editable) into a venv at ${PYFAST_SANITIZE_VENV:-/tmp/pyfast-sanitize-venv}

@@ -43,8 +43,9 @@ def check_packed(op: str, qweight, scales, zeros, cherry_idx, cherry_val, bits, 
                                   ("cherry_val", cherry_val, torch.float16, (n, c)),
                                   ("scales", scales, torch.float16, (n, g))):
         if type(t) is not torch.Tensor or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
-            check_tensor(op, name, t, dtypes=(dtype,), shape=shape)
-            fail(op, name, "contiguous (a packed weight tensor)", f"strides {list(t.stride())}")
+            check_tensor(op, name, t, dtypes=(dtype,), shape=shape)  # a tensor subclass may pass here
+            if not t.is_contiguous():
+                fail(op, name, "contiguous (a packed weight tensor)", f"strides {list(t.stride())}")
     return n, k
 
 
