@@ -67,6 +67,7 @@ class OpDef:
     arg_kinds: tuple[str, ...] = ()  # "Tensor", "Tensor?", "int", "float", "float?", "bool", "str", ...
     tensor_args: tuple[int, ...] = ()  # positions of the Tensor / Tensor? arguments
     scalar_args: tuple[int, ...] = ()  # positions of the others
+    scalar_binds: tuple[tuple[int, type | None], ...] = ()  # (position, the Python type that binds as is)
     written: tuple[int, ...] = ()  # positions of the tensors the op writes in place
     returns_tensors: bool = False
     overload: Any = None  # torch.ops.pyfast.<name>.default, set by `define`
@@ -78,17 +79,24 @@ class OpDef:
         the function the dispatcher would reach for them, which saves the dispatcher's boxing of
         every argument (decode loops make many small calls); everything else goes through
         torch.ops.pyfast.<name>."""
-        if _plain_eager(self, args):  # every tensor argument is a plain tensor: bind the rest
-            for i in self.scalar_args:
-                _check_binds(self.name, self.arg_names[i], self.arg_kinds[i], args[i])
-            return self.run(*args, backend=backend)
+        device = _plain_eager_device(self, args)
+        if device is not None:  # every tensor argument is a plain tensor on `device`: bind the rest
+            for i, plain in self.scalar_binds:
+                v = args[i]
+                if type(v) is not plain or (plain is int and not _INT64[0] <= v <= _INT64[1]):
+                    _check_binds(self.name, self.arg_names[i], self.arg_kinds[i], v)  # None, or an error
+            return self._run(args, backend, device)
         for name, kind, value in zip(self.arg_names, self.arg_kinds, args):
             _check_binds(self.name, name, kind, value)
         return self.overload(*args, backend=backend)
 
     def run(self, *args, backend: str | None = None):
         """The CPU and CUDA dispatch keys' kernel: the rules, then the chosen implementation."""
-        device = _check_common(self, args)
+        return self._run(args, backend, _check_device(self, args))
+
+    def _run(self, args, backend, device):
+        """The rules (every tensor is known to be on `device`), then the chosen implementation."""
+        _check_grad(self, args)
         self.check(*args)
         if self.written:
             _check_written(self, args)
@@ -97,25 +105,35 @@ class OpDef:
         return self.impls[resolve_backend(self, backend, device, args)](*args)
 
 
-def _plain_eager(opdef: OpDef, args) -> bool:
-    """True when the dispatcher would send this call straight to `OpDef.run`."""
+def _plain_eager_device(opdef: OpDef, args) -> torch.device | None:
+    """The device of a call the dispatcher would send straight to `OpDef.run` (plain CPU or CUDA
+    tensors, all on one device, eager mode, nothing for autograd to record); None otherwise."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
-        return False
+        return None
     grad = opdef.autograd is not None and torch.is_grad_enabled()
+    cpu = True
     for i in opdef.tensor_args:
         t = args[i]
         if t is None and opdef.arg_kinds[i] == "Tensor?":
             continue
-        if type(t) is not torch.Tensor or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad):
-            return False
-    return True
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return None
+        if not t.is_cpu:
+            cpu = False
+    if cpu:
+        return _CPU
+    try:
+        return _check_device(opdef, args) if args[opdef.tensor_args[0]].is_cuda else None
+    except ValueError:
+        return None  # mixed devices: the dispatcher path reports it
 
 
 # ---------------------------------------------------------------------------------------------
 # Schema binding (the public functions' type checks, derived from the schema)
 # ---------------------------------------------------------------------------------------------
 _INT64 = (-(2**63), 2**63 - 1)
+_PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool}  # values that bind as they are
 
 
 def _check_binds(op: str, name: str, kind: str, value) -> None:
@@ -151,6 +169,7 @@ def _parse(opdef: OpDef) -> None:
     opdef.arg_kinds = tuple(kinds)
     opdef.tensor_args = tuple(i for i, k in enumerate(kinds) if k.startswith("Tensor"))
     opdef.scalar_args = tuple(i for i, k in enumerate(kinds) if not k.startswith("Tensor"))
+    opdef.scalar_binds = tuple((i, _PLAIN_TYPES.get(kinds[i].rstrip("?"))) for i in opdef.scalar_args)
     opdef.written = tuple(i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
     opdef.returns_tensors = any(str(r.type) == "Tensor" for r in schema.returns)
 
@@ -161,30 +180,31 @@ def _parse(opdef: OpDef) -> None:
 _CPU = torch.device("cpu")
 
 
-def _check_common(opdef: OpDef, args) -> torch.device:
-    """One device for every tensor argument; no requires_grad input to an op without backward.
-    Returns the device."""
+def _check_device(opdef: OpDef, args) -> torch.device:
+    """One device for every tensor argument (a meta tensor among CPU ones is an error). Returns it."""
     for i in opdef.tensor_args:  # fast path (decode loops): every tensor on the CPU
         t = args[i]
         if t is not None and not t.is_cpu:
             break
     else:
-        device = _CPU
-        i = None
-    if i is not None:
-        first = opdef.tensor_args[0]
-        device = args[first].device
-        for i in opdef.tensor_args:
-            t = args[i]
-            if t is not None and t.device != device:
-                fail(opdef.name, opdef.arg_names[i], f"on {device} (the device of {opdef.arg_names[first]})",
-                     t.device)
+        return _CPU
+    first = opdef.tensor_args[0]
+    device = args[first].device
+    for i in opdef.tensor_args:
+        t = args[i]
+        if t is not None and t.device != device:
+            fail(opdef.name, opdef.arg_names[i], f"on {device} (the device of {opdef.arg_names[first]})", t.device)
+    return device
+
+
+def _check_grad(opdef: OpDef, args) -> None:
+    """An op without a backward refuses inputs that require grad while grad mode is on (the
+    gradient would silently be missing)."""
     if opdef.autograd is None and opdef.returns_tensors and torch.is_grad_enabled():
         for i in opdef.tensor_args:
             if args[i] is not None and args[i].requires_grad:
                 fail(opdef.name, opdef.arg_names[i], f"not to require grad (pyfast.{opdef.name} has no backward: "
                      "call it under torch.no_grad() or pass a detached tensor)", "requires_grad=True")
-    return device
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
@@ -295,7 +315,8 @@ def define(opdef: OpDef) -> OpDef:
     _LIB.define(opdef.name + _with_backend(opdef.schema))
 
     def fake(*args, backend=None):
-        _check_common(opdef, args)
+        _check_device(opdef, args)
+        _check_grad(opdef, args)
         opdef.check(*args)
         return opdef.fake(*args)
 

@@ -38,7 +38,8 @@ def check_tensor(
 ) -> torch.Tensor:
     """Check one tensor argument. `shape` entries may be None (any size)."""
     # Fast path (decode loops check every argument of every op per token): all as expected.
-    if type(t) is torch.Tensor and (dtypes is None or t.dtype in dtypes) and device is None and min_ndim is None:
+    if (type(t) is torch.Tensor and (dtypes is None or t.dtype in dtypes) and device is None
+            and (min_ndim is None or t.dim() >= min_ndim)):
         if shape is None:
             if ndim is None or t.dim() == ndim:
                 return t
@@ -65,6 +66,8 @@ def check_tensor(
 
 def check_int(op: str, arg: str, value, *, minimum: int) -> None:
     """A plain int (not a bool) >= minimum: TypeError for another type, ValueError below minimum."""
+    if type(value) is int and value >= minimum:
+        return
     if isinstance(value, bool) or not isinstance(value, int):
         fail_type(op, arg, "an int", f"{type(value).__name__} {value!r}")
     if value < minimum:
