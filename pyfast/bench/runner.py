@@ -52,6 +52,7 @@ def device_name(device: str) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    model = model.replace("(R)", "").replace("(TM)", "")  # a file name, not a trademark notice
     return f"cpu-{os.cpu_count()}core-{model}".replace(" ", "-")
 
 
