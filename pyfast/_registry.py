@@ -92,26 +92,31 @@ class OpDef:
 
     def run(self, *args, backend: str | None = None):
         """The CPU and CUDA dispatch keys' kernel: the rules, then the chosen implementation."""
-        return self._run(args, backend, _check_device(self, args))
+        device = _check_device(self, args)
+        _check_grad(self, args)
+        return self._run(args, backend, device)
 
     def _run(self, args, backend, device):
-        """The rules (every tensor is known to be on `device`), then the chosen implementation."""
-        _check_grad(self, args)
+        """The rules (every tensor is known to be on `device`, and no input requires grad where
+        that is refused), then the chosen implementation."""
         self.check(*args)
         if self.written:
             _check_written(self, args)
-        if self.check_data is not None and (device.type != "cuda" or _data_checks_allowed(device)):
+        if self.check_data is not None and (device is _CPU or _data_checks_allowed(device)):
             self.check_data(*args)
+        if backend is None and device is _CPU:
+            return self.impls["cpu"](*args)
         return self.impls[resolve_backend(self, backend, device, args)](*args)
 
 
 def _plain_eager_device(opdef: OpDef, args) -> torch.device | None:
     """The device of a call the dispatcher would send straight to `OpDef.run` (plain CPU or CUDA
-    tensors, all on one device, eager mode, nothing for autograd to record); None otherwise."""
+    tensors, all on one device, eager mode, no input that requires grad while grad mode is on:
+    autograd to record, or a refusal to report); None otherwise."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
         return None
-    grad = opdef.autograd is not None and torch.is_grad_enabled()
+    grad = (opdef.autograd is not None or opdef.returns_tensors) and torch.is_grad_enabled()
     cpu = True
     for i in opdef.tensor_args:
         t = args[i]

@@ -19,6 +19,9 @@ from pyfast.reference import sparse as reference
 # ---------------------------------------------------------------------------------------------
 # Rules (one helper per concept)
 # ---------------------------------------------------------------------------------------------
+_INT32 = (torch.int32,)
+
+
 def check_cache(op: str, k_cache, v_cache, cache_seqlens) -> tuple[int, int, int, int]:
     """k_cache/v_cache [B, Hkv, Tmax, D] of one float dtype, cache_seqlens int32 [B] contiguous."""
     check_tensor(op, "k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
@@ -26,7 +29,7 @@ def check_cache(op: str, k_cache, v_cache, cache_seqlens) -> tuple[int, int, int
     if min(b, hkv, tmax, d) < 1:
         fail(op, "k_cache", "non-empty [B, Hkv, Tmax, D]", f"shape {list(k_cache.shape)}")
     check_tensor(op, "v_cache", v_cache, dtypes=(k_cache.dtype,), shape=(b, hkv, tmax, d))
-    check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(b,))
+    check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=_INT32, shape=(b,))
     if b > 1 and cache_seqlens.stride(0) != 1:  # kernels index it as a plain int32 array
         fail(op, "cache_seqlens", "contiguous", f"stride {cache_seqlens.stride()}")
     return b, hkv, tmax, d
@@ -56,14 +59,15 @@ def check_query(op: str, q, k_cache) -> None:
 
 
 def check_budget(op: str, topk: int, sink_blocks: int, local_blocks: int) -> None:
-    for name, v in (("topk", topk), ("sink_blocks", sink_blocks), ("local_blocks", local_blocks)):
-        check_int(op, name, v, minimum=0)
+    check_int(op, "topk", topk, minimum=0)
+    check_int(op, "sink_blocks", sink_blocks, minimum=0)
+    check_int(op, "local_blocks", local_blocks, minimum=0)
 
 
 def check_seqlens(op: str, cache_seqlens, lo: int, hi: int) -> None:
     """lo <= cache_seqlens[b] <= hi for every sequence: one device-to-host read. The registry runs
     it in eager mode; during CUDA-graph capture the kernels clamp lengths to [0, Tmax] instead."""
-    if cache_seqlens.numel() <= 8 and cache_seqlens.device.type == "cpu":
+    if cache_seqlens.is_cpu and cache_seqlens.numel() <= 8:  # a Python list is cheapest here
         values = cache_seqlens.tolist()
         mn, mx = min(values), max(values)
     else:
