@@ -24,9 +24,9 @@ def _cherryq() -> list[Case]:
     shape = "M=1 N=64 K=128"
     return [
         Case("overhead", f"cherryq_matmul {shape}", "C++ kernel, unchecked", lambda i: _C.cherryq_matmul_cpu(*raw[i]),
-             ROTATE, baseline=True, min_repeats=REPEATS),
+             ROTATE, baseline=True, min_repeats=REPEATS, threads=1),
         Case("overhead", f"cherryq_matmul {shape}", "torch.ops.pyfast",
-             lambda i: torch.ops.pyfast.cherryq_matmul.default(*raw[i]), ROTATE, min_repeats=REPEATS),
+             lambda i: torch.ops.pyfast.cherryq_matmul.default(*raw[i]), ROTATE, min_repeats=REPEATS, threads=1),
         Case("overhead", f"cherryq_matmul {shape}", "pyfast.cherryq_matmul", lambda i: pyfast.cherryq_matmul(xs[i], qws[i]),
              ROTATE),
     ]
@@ -43,10 +43,10 @@ def _sparse() -> list[Case]:
     shape = "sparse_decode B=1 Hq=4 L=40 D=16"
     return [
         Case("overhead", shape, "C++ kernel, unchecked", lambda i: _C.sparse_decode_attention_cpu(*caches[i], *opts),
-             ROTATE, baseline=True, min_repeats=REPEATS),
+             ROTATE, baseline=True, min_repeats=REPEATS, threads=1),
         Case("overhead", shape, "torch.ops.pyfast",
-             lambda i: torch.ops.pyfast.sparse_decode_attention.default(*caches[i], *opts), ROTATE, min_repeats=REPEATS),
-        Case("overhead", shape, "pyfast.sparse_decode", lambda i: pyfast.sparse_decode_attention(*caches[i]), ROTATE, min_repeats=REPEATS),
+             lambda i: torch.ops.pyfast.sparse_decode_attention.default(*caches[i], *opts), ROTATE, min_repeats=REPEATS, threads=1),
+        Case("overhead", shape, "pyfast.sparse_decode", lambda i: pyfast.sparse_decode_attention(*caches[i]), ROTATE, min_repeats=REPEATS, threads=1),
     ]
 
 

@@ -32,6 +32,7 @@ class Case:
     flops: float = 0.0  # report TFLOP/s when bytes == 0
     baseline: bool = False
     min_repeats: int = 0  # microsecond-scale cases need many samples for a stable median
+    threads: int | None = None  # CPU threads while timing this case (None: the process default)
 
 
 def add_arguments(p) -> None:
@@ -86,7 +87,12 @@ def time_case(case: Case, device: str, repeats: int) -> dict:
 def run_cases(cases: list[Case], device: str, repeats: int) -> list[dict]:
     rows = []
     for c in cases:
-        t = time_case(c, device, max(repeats, c.min_repeats))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(c.threads or threads)
+        try:
+            t = time_case(c, device, max(repeats, c.min_repeats))
+        finally:
+            torch.set_num_threads(threads)
         row = {"op": c.op, "shape": c.shape, "impl": c.impl, "baseline": c.baseline, **t}
         if c.bytes:
             row["GB/s"] = c.bytes / (t["ms"] * 1e-3) / 1e9
