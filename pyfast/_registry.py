@@ -60,6 +60,7 @@ class OpDef:
     default_cuda: Callable[..., str] = lambda *args: "cuda"  # backend=None on CUDA tensors
     check_data: Callable[..., None] | None = None  # rules that read tensor data (see _data_checks_allowed)
     autograd: Autograd | None = None
+    differentiable: tuple[str, ...] = ()  # arguments the backward gives gradients for
     doc: str = ""
 
     # Derived from the schema by `define`.
@@ -69,7 +70,6 @@ class OpDef:
     scalar_args: tuple[int, ...] = ()  # positions of the others
     scalar_binds: tuple[tuple[int, type | None], ...] = ()  # (position, the Python type that binds as is)
     written: tuple[int, ...] = ()  # positions of the tensors the op writes in place
-    returns_tensors: bool = False
     overload: Any = None  # torch.ops.pyfast.<name>.default, set by `define`
 
     def call(self, *args, backend: str | None = None):
@@ -79,6 +79,8 @@ class OpDef:
         the function the dispatcher would reach for them, which saves the dispatcher's boxing of
         every argument (decode loops make many small calls); everything else goes through
         torch.ops.pyfast.<name>."""
+        if backend is not None and type(backend) is not str:
+            fail_type(self.name, "backend", f"None or one of {tuple(self.impls)}", f"{type(backend).__name__} {backend!r}")
         device = _plain_eager_device(self, args)
         if device is not None:  # every tensor argument is a plain tensor on `device`: bind the rest
             for i, plain in self.scalar_binds:
@@ -116,13 +118,13 @@ def _plain_eager_device(opdef: OpDef, args) -> torch.device | None:
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
         return None
-    grad = (opdef.autograd is not None or opdef.returns_tensors) and torch.is_grad_enabled()
+    grad = torch.is_grad_enabled()
     cpu = True
     for i in opdef.tensor_args:
         t = args[i]
         if t is None and opdef.arg_kinds[i] == "Tensor?":
             continue
-        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+        if type(t) is not torch.Tensor or t.layout is not _STRIDED or (grad and t.requires_grad):
             return None
         if not t.is_cpu:
             cpu = False
@@ -138,6 +140,7 @@ def _plain_eager_device(opdef: OpDef, args) -> torch.device | None:
 # Schema binding (the public functions' type checks, derived from the schema)
 # ---------------------------------------------------------------------------------------------
 _INT64 = (-(2**63), 2**63 - 1)
+_FLOAT_MAX = 1.7976931348623157e308
 _PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool}  # values that bind as they are
 
 
@@ -159,6 +162,8 @@ def _check_binds(op: str, name: str, kind: str, value) -> None:
     elif base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail_type(op, name, "a float", f"{type(value).__name__} {value!r}")
+        if isinstance(value, int) and not -_FLOAT_MAX <= value <= _FLOAT_MAX:
+            fail(op, name, "a float in the float64 range", "an int too large for one")
     elif base == "str":
         if not isinstance(value, str):
             fail_type(op, name, "a str", f"{type(value).__name__} {value!r}")
@@ -176,17 +181,22 @@ def _parse(opdef: OpDef) -> None:
     opdef.scalar_args = tuple(i for i, k in enumerate(kinds) if not k.startswith("Tensor"))
     opdef.scalar_binds = tuple((i, _PLAIN_TYPES.get(kinds[i].rstrip("?"))) for i in opdef.scalar_args)
     opdef.written = tuple(i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
-    opdef.returns_tensors = any(str(r.type) == "Tensor" for r in schema.returns)
 
 
 # ---------------------------------------------------------------------------------------------
 # Rules every op gets
 # ---------------------------------------------------------------------------------------------
 _CPU = torch.device("cpu")
+_STRIDED = torch.strided
 
 
 def _check_device(opdef: OpDef, args) -> torch.device:
-    """One device for every tensor argument (a meta tensor among CPU ones is an error). Returns it."""
+    """Strided tensors (no sparse or mkldnn layouts), all on one device (a meta tensor among CPU
+    ones is an error). Returns the device."""
+    for i in opdef.tensor_args:
+        t = args[i]
+        if t is not None and t.layout is not _STRIDED:
+            fail_type(opdef.name, opdef.arg_names[i], "a strided (dense) tensor", f"layout {t.layout}")
     for i in opdef.tensor_args:  # fast path (decode loops): every tensor on the CPU
         t = args[i]
         if t is not None and not t.is_cpu:
@@ -203,35 +213,57 @@ def _check_device(opdef: OpDef, args) -> torch.device:
 
 
 def _check_grad(opdef: OpDef, args) -> None:
-    """An op without a backward refuses inputs that require grad while grad mode is on (the
-    gradient would silently be missing)."""
-    if opdef.autograd is None and opdef.returns_tensors and torch.is_grad_enabled():
-        for i in opdef.tensor_args:
-            if args[i] is not None and args[i].requires_grad:
-                fail(opdef.name, opdef.arg_names[i], f"not to require grad (pyfast.{opdef.name} has no backward: "
-                     "call it under torch.no_grad() or pass a detached tensor)", "requires_grad=True")
+    """While grad mode is on, an input that requires grad must be one the op's backward
+    differentiates (none for an op without backward): a gradient must never silently go missing,
+    and an in-place op must not write into a tensor autograd tracks."""
+    if torch.is_grad_enabled():
+        _refuse_grad(opdef, args)
+
+
+def _refuse_grad(opdef: OpDef, args) -> None:
+    """Raise for an input that requires grad and is not one the backward differentiates."""
+    for i in opdef.tensor_args:
+        t = args[i]
+        if t is not None and t.requires_grad and opdef.arg_names[i] not in opdef.differentiable:
+            what = ("differentiable in " + ", ".join(opdef.differentiable) if opdef.differentiable
+                    else "without a backward")
+            fail(opdef.name, opdef.arg_names[i], f"not to require grad (pyfast.{opdef.name} is {what}: call it "
+                 "under torch.no_grad() or pass a detached tensor)", "requires_grad=True")
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
-    start = t.data_ptr() + min(0, extent)  # negative strides cannot occur in torch, kept for safety
-    return start, t.data_ptr() + (max(extent, 0) + 1) * t.element_size()
+    """[first, last + 1) byte address of a non-empty tensor (torch strides are never negative)."""
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _may_self_overlap(t: torch.Tensor) -> bool:
+    """False when the strides prove every element has its own address: taken from the smallest
+    stride up, each dim's stride must step past everything the smaller dims span. (True for
+    expand() views, and for as_strided layouts whose rows interleave.)"""
+    span = 0  # elements spanned by the dims seen so far, minus one
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s > 1), key=lambda d: d[1]):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def _check_written(opdef: OpDef, args) -> None:
-    """A written tensor has no overlapping elements (expand() views) and shares no memory with any
-    other tensor argument (byte ranges of the same storage; like ATen, a conservative test)."""
+    """A written tensor has no overlapping elements and shares no memory with any other tensor
+    argument: address ranges compared whatever storage they come from (two from_numpy views of
+    one array are distinct storages), a conservative test like ATen's."""
     for i in opdef.written:
         name, t = opdef.arg_names[i], args[i]
         if t.numel() == 0:
             continue
-        if torch._debug_has_internal_overlap(t) == 1:  # 1 = YES (2 = too hard to tell: allowed)
-            fail(opdef.name, name, "without overlapping elements (it is written in place)", f"strides {list(t.stride())}")
+        if _may_self_overlap(t):
+            fail(opdef.name, name, "without overlapping elements (it is written in place)",
+                 f"shape {list(t.shape)} with strides {list(t.stride())}")
         lo, hi = _byte_range(t)
-        storage = t.untyped_storage().data_ptr()
         for j in opdef.tensor_args:
             o = args[j]
-            if j == i or o is None or o.numel() == 0 or o.untyped_storage().data_ptr() != storage:
+            if j == i or o is None or o.numel() == 0:
                 continue
             olo, ohi = _byte_range(o)
             if lo < ohi and olo < hi:
@@ -325,13 +357,18 @@ def define(opdef: OpDef) -> OpDef:
         opdef.check(*args)
         return opdef.fake(*args)
 
-    _LIB.impl(opdef.name, opdef.run, "CPU")
-    _LIB.impl(opdef.name, opdef.run, "CUDA")
+    # Sparse and mkldnn tensors dispatch to keys of their own: the same entry, whose layout rule
+    # then names the argument (instead of torch's "no kernel for SparseCPU").
+    for key in ("CPU", "CUDA", "SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA", "MkldnnCPU"):
+        _LIB.impl(opdef.name, opdef.run, key)
     torch.library.register_fake(f"pyfast::{opdef.name}", fake, lib=_LIB)
     if opdef.autograd is not None:
         ag = opdef.autograd
 
         def setup_context(ctx, inputs, keyword_only_inputs, output):
+            # The autograd path (grad mode on, an input requires grad): the forward ran below
+            # autograd with grad mode off, so the grad rule is enforced here.
+            _refuse_grad(opdef, inputs)
             ag.setup_context(ctx, inputs, output)
 
         def backward(ctx, *grads):

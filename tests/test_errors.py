@@ -82,6 +82,9 @@ CHERRYQ_CASES = [
     Case("group_size", _set(group_size=48), ValueError, "group_size"),
     Case("meta_x", _edit("x", lambda t, a: t.to("meta")), ValueError, "qweight"),
     Case("meta_bias", _edit("bias", lambda t, a: t.to("meta")), ValueError, "bias"),
+    Case("scales_requires_grad", _edit("scales", lambda t, a: t.float().half().requires_grad_()), ValueError,
+         "scales"),  # the packed weights are frozen: a gradient for them would silently be None
+    Case("x_sparse_layout", _edit("x", lambda t, a: t.to_sparse()), TypeError, "x"),
     Case("bits_float", _set(bits=3.0), TypeError, "bits", binding=True),
     Case("group_size_str", _set(group_size="64"), TypeError, "group_size", binding=True),
     Case("x_list", _edit("x", lambda t, a: t.tolist()), TypeError, "x", binding=True),
@@ -111,6 +114,8 @@ ATTENTION_CASES = [  # decode_attention and sparse_decode_attention
     Case("meta_q", _edit("q", lambda t, a: t.to("meta")), ValueError, "k_cache"),
     Case("meta_seqlens", _edit("cache_seqlens", lambda t, a: t.to("meta")), ValueError, "cache_seqlens"),
     Case("q_requires_grad", _grad_q, ValueError, r"q\b"),
+    Case("q_sparse_layout", _edit("q", lambda t, a: t.to_sparse()), TypeError, r"q\b"),
+    Case("scale_too_large", _set(scale=10**400), ValueError, "scale", binding=True),
     Case("q_list", _edit("q", lambda t, a: t.tolist()), TypeError, r"q\b", binding=True),
     Case("scale_str", _set(scale="0.1"), TypeError, "scale", binding=True),
 ]
@@ -131,6 +136,16 @@ def _append_overlapping_new(a):  # k_new is a view of k_cache's memory
     a["k_new"] = a["k_cache"][:, :, 40:60]
 
 
+def _append_numpy_alias(a):  # two from_numpy views of one array: distinct storages, same memory
+    buf = a["k_cache"].numpy()
+    a["k_cache"], a["k_new"] = torch.from_numpy(buf), torch.from_numpy(buf[:, :, 40:60])
+
+
+def _append_interleaved_cache(a):  # head 1 is head 0 shifted by one token: rows written twice
+    a["k_cache"] = torch.zeros(1100).as_strided((2, 2, 64, 16), (0, 16, 16, 1)).clone().as_strided(
+        (2, 2, 64, 16), (1100 // 2, 16, 16, 1))
+
+
 APPEND_CASES = [
     Case("past_tmax", _edit("k_new", lambda t, a: torch.randn(2, 2, 30, 16)), ValueError, "v_new"),
     Case("past_tmax_values", lambda a: a.update(k_new=torch.randn(2, 2, 30, 16), v_new=torch.randn(2, 2, 30, 16)),
@@ -149,6 +164,11 @@ APPEND_CASES = [
          "k_cache not to share memory with block_keys"),
     Case("k_new_overlaps_cache", _append_overlapping_new, ValueError, "k_cache not to share memory with k_new"),
     Case("meta_k_new", _edit("k_new", lambda t, a: t.to("meta")), ValueError, "k_new"),
+    Case("k_new_numpy_alias", _append_numpy_alias, ValueError, "k_cache not to share memory with k_new"),
+    Case("interleaved_cache", _append_interleaved_cache, ValueError, "k_cache without overlapping"),
+    Case("k_new_requires_grad", _edit("k_new", lambda t, a: t.clone().requires_grad_()), ValueError, "k_new"),
+    Case("k_cache_requires_grad", _edit("k_cache", lambda t, a: t.clone().requires_grad_()), ValueError,
+         "k_cache"),
     Case("block_size_float", _set(block_size=16.0), TypeError, "block_size", binding=True),
 ]
 
@@ -209,6 +229,9 @@ def test_unknown_and_unavailable_backend(op, monkeypatch):
     make, public, _ = OPS[op]
     with pytest.raises(ValueError, match=rf"^pyfast\.{op}: expected backend one of"):
         public(make(), "tpu")
+    for wrong in (5, b"cpu"):
+        with pytest.raises(TypeError, match=rf"^pyfast\.{op}: expected backend None or one of"):
+            public(make(), wrong)
     with pytest.raises(ValueError, match=rf"^pyfast\.{op}: expected tensors on a CUDA device"):
         public(make(), "cuda")
     import pyfast.kernels._utils as triton_utils

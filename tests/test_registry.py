@@ -93,8 +93,8 @@ def test_default_rule_on_cuda(monkeypatch):
         a = dict(qw, x=torch.empty(rows, 128, device="meta"))
         return op_cases.schema_order("cherryq_matmul", a)
 
-    def dec_args(d):
-        return (torch.empty(1, 4, d, device="meta"),)
+    def dec_args(d, b=1):
+        return torch.empty(b, 4, d, device="meta"), torch.empty(b, 2, 8, d, device="meta")
 
     for cuda_kernels, triton in ((True, True), (True, False), (False, True)):
         monkeypatch.setattr(_ops, "has_cuda_kernels", lambda v=cuda_kernels: v)
@@ -104,6 +104,7 @@ def test_default_rule_on_cuda(monkeypatch):
         assert cq.default_cuda(*cq_args(9)) == ("triton" if triton else "cuda")
         assert dec.default_cuda(*dec_args(256)) == want_small
         assert dec.default_cuda(*dec_args(320)) == ("triton" if triton else "cuda")
+        assert dec.default_cuda(*dec_args(64, b=70000)) == ("triton" if triton else "cuda")  # grid y limit
 
 
 @pytest.mark.parametrize("op", OPS)

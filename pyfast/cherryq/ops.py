@@ -55,7 +55,12 @@ def check_packed_data(op: str, qweight, cherry_idx, bits: int, k: int) -> None:
     indices once per weight: the result is remembered on cherry_idx until it or qweight changes."""
     if cherry_idx.numel() == 0:
         return
-    key = (qweight.data_ptr(), qweight._version, cherry_idx._version, bits, k)
+    # Inference tensors keep no version counter: remembered by address only (like data written
+    # behind torch's back, e.g. through numpy, an in-place edit of them is not seen; the CPU and
+    # GPU kernels skip a column out of range, so that can never read out of bounds).
+    versions = (None, None) if torch.is_inference(qweight) or torch.is_inference(cherry_idx) else (
+        qweight._version, cherry_idx._version)
+    key = (qweight.data_ptr(), cherry_idx.data_ptr(), *versions, bits, k)
     if cherry_idx.__dict__.get("_pyfast_checked") == key:
         return
     idx = cherry_idx.to(torch.int64)
@@ -148,6 +153,7 @@ CHERRYQ_MATMUL = _registry.define(_registry.OpDef(
     check_data=_check_data,
     fake=_fake,
     autograd=_registry.Autograd(_backward, _setup_context),
+    differentiable=("x", "bias"),  # the packed weights are frozen (QAT trains a float master weight)
     impls={
         "cpu": _ops.kernel("cherryq_matmul_cpu"),
         "cuda": _ops.kernel("cherryq_matmul_cuda"),

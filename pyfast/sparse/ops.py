@@ -79,10 +79,16 @@ def check_seqlens(op: str, cache_seqlens, lo: int, hi: int) -> None:
 CUDA_MAX_HEAD_DIM = 256  # the CUDA C++ kernels' head-dim buckets end here; Triton takes any D
 
 
+CUDA_MAX_GRID_YZ = 65535  # the CUDA C++ launchers put B and Hkv on grid axes y / z
+
+
 def _default_cuda(*args) -> str:
-    """CUDA C++ where the build has it and D fits its buckets, else Triton."""
+    """CUDA C++ where the build has it and the shape fits its launchers (D in its buckets, B and
+    Hkv within grid limits), else Triton."""
     head_dim = args[0].shape[-1]  # q (decode ops) or k_cache (append_kv): D is the last dim of both
-    if _ops.has_cuda_kernels() and (head_dim <= CUDA_MAX_HEAD_DIM or not _ops.has_triton()):
+    cache = args[0] if args[0].dim() == 4 else args[1]  # k_cache
+    fits = head_dim <= CUDA_MAX_HEAD_DIM and max(cache.shape[0], cache.shape[1]) <= CUDA_MAX_GRID_YZ
+    if _ops.has_cuda_kernels() and (fits or not _ops.has_triton()):
         return "cuda"
     return "triton" if _ops.has_triton() else "cuda"
 

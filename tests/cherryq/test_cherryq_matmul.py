@@ -387,3 +387,20 @@ def test_weight_rules_see_changes_after_a_call():
     qw.cherry_idx[3, 1] = 10**6  # in place: the remembered check no longer holds
     with pytest.raises(ValueError, match="cherry_idx"):
         pyfast.cherryq_matmul(x, qw)
+
+
+def test_weights_made_under_inference_mode():
+    """Inference tensors keep no version counter: the weight's data rules still run (and are
+    remembered) for a weight quantized, and used, under torch.inference_mode()."""
+    with torch.inference_mode():
+        qw = pyfast.cherryq_quantize(torch.randn(64, 128), bits=3, group_size=32, cherries_per_row=2)
+        x = torch.randn(2, 128)
+        y = pyfast.cherryq_matmul(x, qw)
+    assert_close(y, ref_matmul(x, qw), 1e-5)
+    x2 = torch.randn(2, 128)  # outside inference mode too
+    assert_close(pyfast.cherryq_matmul(x2, qw), ref_matmul(x2, qw), 1e-5)
+    with torch.inference_mode():
+        bad = pyfast.CherryQWeight(qw.qweight, qw.scales, qw.zeros, qw.cherry_idx.flip(1).contiguous(),
+                                   qw.cherry_val, qw.bits, qw.group_size)
+        with pytest.raises(ValueError, match="cherry_idx"):
+            pyfast.cherryq_matmul(x, bad)
