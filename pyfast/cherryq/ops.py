@@ -27,12 +27,14 @@ def check_packed(op: str, qweight, scales, zeros, cherry_idx, cherry_val, bits, 
     metadata only. Returns (N, K)."""
     check_choice(op, "bits", bits, SUPPORTED_BITS)
     check_choice(op, "group_size", group_size, SUPPORTED_GROUP_SIZES)
-    check_tensor(op, "scales", scales, dtypes=(torch.float16,), ndim=2)
+    if type(scales) is not torch.Tensor or scales.dim() != 2:  # (dtypes: in the loop below)
+        check_tensor(op, "scales", scales, dtypes=(torch.float16,), ndim=2)
     n, g = scales.shape
     if g < 1:
         fail(op, "scales", "[N, K / group_size] with at least one group (K >= group_size)", f"shape {list(scales.shape)}")
     k = g * group_size
-    check_tensor(op, "cherry_idx", cherry_idx, dtypes=(torch.int32,), ndim=2)
+    if type(cherry_idx) is not torch.Tensor or cherry_idx.dim() != 2:
+        check_tensor(op, "cherry_idx", cherry_idx, dtypes=(torch.int32,), ndim=2)
     c = cherry_idx.shape[1]
     # name, tensor, dtype, shape; every one contiguous (kernels read them as flat row-major arrays).
     # One loop without calls in the common case (decode makes many small calls); check_tensor
