@@ -1,7 +1,8 @@
 """cherryq_matmul microbenchmark: y = x @ W.T for M = 1, 8, 64 rows of x and W 4096x4096
 (plus 8192x8192 at M=1 on GPUs), 3-bit group-128 CherryQ weights. Eight different weight
 matrices are used in turn so nothing stays in cache. Compared in the same run against
-F.linear in fp32 (the baseline) and fp16 and against torch's own int4 weight-only kernel."""
+F.linear in fp32 (the baseline) and fp16 and against torch's own int4 weight-only kernel.
+GB/s counts each implementation's weight bytes + x + y; TFLOP/s counts 2*M*N*K for all."""
 
 from __future__ import annotations
 
@@ -45,15 +46,16 @@ def _shape_cases(device: str, m: int, n: int, k: int) -> list[Case]:
     x = x32.to(act)
     shape = f"M={m} N={n} K={k}"
     io = m * k * x.element_size() + m * n * x.element_size()
+    flops = 2 * m * n * k  # every implementation does the same multiply-adds
     cases = []
     if device == "cpu":
         w32 = [w.to(device) for w in ws]
         cases.append(Case("cherryq_matmul", shape, "F.linear fp32", lambda i: F.linear(x32, w32[i]), ROTATE,
-                          bytes=n * k * 4 + io, baseline=True))
+                          bytes=n * k * 4 + io, flops=flops, baseline=True))
     w16 = [w.to(device, torch.float16) for w in ws]
     x16 = x32.half()
     cases.append(Case("cherryq_matmul", shape, "F.linear fp16", lambda i: F.linear(x16, w16[i]), ROTATE,
-                      bytes=n * k * 2 + io, baseline=device != "cpu"))
+                      bytes=n * k * 2 + io, flops=flops, baseline=device != "cpu"))
     int4_dtype = torch.bfloat16
     try:
         i4 = _int4_weights(ws, device, int4_dtype)
@@ -61,13 +63,14 @@ def _shape_cases(device: str, m: int, n: int, k: int) -> list[Case]:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if device == "cpu" else torch.ops.aten._weight_int4pack_mm
         mm(xb, i4[0][0], GROUP, i4[0][1])  # probe: some builds lack the kernel
         cases.append(Case("cherryq_matmul", shape, "torch int4 (bf16 x)", lambda i: mm(xb, i4[i][0], GROUP, i4[i][1]),
-                          ROTATE, bytes=n * k // 2 + n * (k // GROUP) * 4 + io))
+                          ROTATE, bytes=n * k // 2 + n * (k // GROUP) * 4 + io, flops=flops))
     except RuntimeError:  # some torch builds lack this kernel
         pass
     qbytes = qws[0].nbytes() + io
     for b in kernel_backends(REGISTRY["cherryq_matmul"], device):
         cases.append(Case("cherryq_matmul", shape, f"pyfast {b} {BITS}b g{GROUP}",
-                          lambda i, b=b: pyfast.cherryq_matmul(x, qws[i], backend=b), ROTATE, bytes=qbytes))
+                          lambda i, b=b: pyfast.cherryq_matmul(x, qws[i], backend=b), ROTATE,
+                          bytes=qbytes, flops=flops))
     return cases
 
 

@@ -2,7 +2,9 @@
 D=128 over a context of L = 4k, 32k (and 128k on GPUs) tokens; block 16, top-k 64 with 1 sink
 and 4 local blocks. Dense and sparse pyfast decode vs F.scaled_dot_product_attention (the
 baseline) in the same run. GB/s counts the bytes each method needs: all K/V for dense and SDPA;
-the kept K/V blocks plus every block key for sparse. Caches rotate when they could fit in a
+the kept K/V blocks plus every block key for sparse. TFLOP/s counts the attention math
+(q.k and p.v: 4*B*Hq*L*D for dense and SDPA; for sparse the kept tokens instead of L, plus
+2*B*Hq*(L/block)*D for scoring every block key). Caches rotate when they could fit in a
 last-level cache."""
 
 from __future__ import annotations
@@ -44,21 +46,23 @@ def _length_cases(device: str, length: int) -> list[Case]:
     nblocks = length // BLOCK
     kept_tokens = min(nblocks, SINK + TOPK + LOCAL) * BLOCK + length % BLOCK
     sparse_bytes = 2 * B * HKV * kept_tokens * D * esize + B * HKV * nblocks * D * esize
+    dense_flops = 4 * B * HQ * length * D
+    sparse_flops = 4 * B * HQ * kept_tokens * D + 2 * B * HQ * nblocks * D
 
     def sdpa(i):
         kc, vc, _, _ = caches[i]
         return F.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True)
 
-    cases = [Case("decode_attention", shape, "SDPA", sdpa, rotate, bytes=kv_bytes, baseline=True)]
+    cases = [Case("decode_attention", shape, "SDPA", sdpa, rotate, bytes=kv_bytes, flops=dense_flops, baseline=True)]
     for be in kernel_backends(REGISTRY["decode_attention"], device):
         cases.append(Case("decode_attention", shape, f"pyfast {be} dense",
                           lambda i, be=be: pyfast.decode_attention(q, *caches[i][:2], caches[i][3], backend=be),
-                          rotate, bytes=kv_bytes))
+                          rotate, bytes=kv_bytes, flops=dense_flops))
         cases.append(Case("decode_attention", shape, f"pyfast {be} sparse top{TOPK}",
                           lambda i, be=be: pyfast.sparse_decode_attention(
                               q, *caches[i][:2], caches[i][3], caches[i][2], block_size=BLOCK, topk=TOPK,
                               sink_blocks=SINK, local_blocks=LOCAL, backend=be),
-                          rotate, bytes=sparse_bytes))
+                          rotate, bytes=sparse_bytes, flops=sparse_flops))
     return cases
 
 
