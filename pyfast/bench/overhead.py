@@ -27,8 +27,8 @@ def _cherryq() -> list[Case]:
              ROTATE, baseline=True, min_repeats=REPEATS, threads=1),
         Case("overhead", f"cherryq_matmul {shape}", "torch.ops.pyfast",
              lambda i: torch.ops.pyfast.cherryq_matmul.default(*raw[i]), ROTATE, min_repeats=REPEATS, threads=1),
-        Case("overhead", f"cherryq_matmul {shape}", "pyfast.cherryq_matmul", lambda i: pyfast.cherryq_matmul(xs[i], qws[i]),
-             ROTATE),
+        Case("overhead", f"cherryq_matmul {shape}", "pyfast.cherryq_matmul",
+             lambda i: pyfast.cherryq_matmul(xs[i], qws[i]), ROTATE, min_repeats=REPEATS, threads=1),
     ]
 
 
@@ -46,7 +46,8 @@ def _sparse() -> list[Case]:
              ROTATE, baseline=True, min_repeats=REPEATS, threads=1),
         Case("overhead", shape, "torch.ops.pyfast",
              lambda i: torch.ops.pyfast.sparse_decode_attention.default(*caches[i], *opts), ROTATE, min_repeats=REPEATS, threads=1),
-        Case("overhead", shape, "pyfast.sparse_decode", lambda i: pyfast.sparse_decode_attention(*caches[i]), ROTATE, min_repeats=REPEATS, threads=1),
+        Case("overhead", shape, "pyfast.sparse_decode", lambda i: pyfast.sparse_decode_attention(*caches[i]),
+             ROTATE, min_repeats=REPEATS, threads=1),
     ]
 
 
