@@ -4,7 +4,8 @@ Impact (mean grad^2) is estimated on `--calib` chunks of the King James Bible; p
 measured on the next `--held-out` chunks of it and on as many chunks of the 2012 convention
 speeches. Each quantized config runs on a deepcopy of the fp32 model; lm_head (tied to the
 embedding) stays float. SmolLM2's hidden size is 576 = 4.5 x 128, so only down_proj (in 1536)
-has in_features divisible by 128 and quantize_model skips the rest at --group-size 128: the
+has in_features divisible by 128 and quantize_model skips the rest at --group-size 128 (with a
+warning naming them; fallback_group_size=64 would quantize them): the
 default is 64, which covers all 210 block linears; the "quantized" column shows the share of
 block-linear weights actually quantized. Offline; needs
     pip install transformers gguf accelerate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -84,6 +85,34 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _plan(model: nn.Module, group_size: int, fallback_group_size: int | None, skip: Iterable[str]):
+    """-> ({name: (layer, group size)} to quantize, {name: reason} skipped), in module order."""
+    skip = tuple(skip)
+    todo, skipped = {}, {}
+    for name, mod in model.named_modules():
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
+            continue
+        match = next((s for s in skip if s in name), None)
+        k = linear_weight(mod).shape[1]
+        if match is not None:
+            skipped[name] = f"name matches skip {match!r}"
+        elif k % group_size == 0:
+            todo[name] = (mod, group_size)
+        elif fallback_group_size is not None and k % fallback_group_size == 0:
+            todo[name] = (mod, fallback_group_size)
+        else:
+            sizes = f"group_size={group_size}" + (f" or fallback_group_size={fallback_group_size}"
+                                                  if fallback_group_size is not None else "")
+            skipped[name] = f"in_features={k} is not a multiple of {sizes}"
+    return todo, skipped
+
+
+def _fallback_hint(ks: list[int], group_size: int) -> int | None:
+    """The largest supported group size below group_size that divides every in_features in ks."""
+    fits = [g for g in SUPPORTED_GROUP_SIZES if g < group_size and all(k % g == 0 for k in ks)]
+    return max(fits, default=None)
+
+
 def quantize_model(
     model: nn.Module,
     *,
@@ -93,22 +122,60 @@ def quantize_model(
     impact: dict[str, torch.Tensor] | None = None,
     skip: Iterable[str] = ("lm_head",),
     qat: bool = False,
-) -> nn.Module:
+    fallback_group_size: int | None = None,
+    return_summary: bool = False,
+):
     """Replace (in place) every nn.Linear / GPT-2 Conv1D with in_features % group_size == 0 by a
-    CherryQLinear. impact: {layer name: [out, in]} from `estimate_impact` (default |w|).
-    cherries_per_row=0 gives plain round-to-nearest. qat=True leaves the layers in QAT mode.
+    CherryQLinear, and return the model. impact: {layer name: [out, in]} from `estimate_impact`
+    (default |w|). cherries_per_row=0 gives plain round-to-nearest. qat=True leaves the layers in
+    QAT mode. Layers whose name contains a string of `skip` are left as they are.
+
+    Layers whose in_features is not a multiple of group_size cannot use it: with
+    `fallback_group_size` (a supported group size smaller than group_size) they are quantized
+    with that one when it divides their in_features; the others stay in float, and a single
+    UserWarning names them, why, and a fallback group size that would fit them (layers left out
+    by `skip` are not warned about). `return_summary=True` returns `(model, summary)` instead,
+    summary = {"quantized": {name: group size used}, "skipped": {name: reason}} over every
+    nn.Linear / Conv1D of the model, in module order.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-        >>> model = pyfast.quantize_model(model, bits=3, group_size=128)  # in_features 64 < 128: kept
+        >>> model = pyfast.quantize_model(model, bits=3, group_size=128)  # in_features 64: kept, with a warning
         >>> [type(m).__name__ for m in model]
         ['CherryQLinear', 'ReLU', 'Linear']
+        >>> model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> model, summary = pyfast.quantize_model(model, group_size=128, fallback_group_size=64, return_summary=True)
+        >>> summary
+        {'quantized': {'0': 128, '2': 64}, 'skipped': {}}
     """
-    for name, layer in quantizable_layers(model, group_size, skip).items():
+    op = "quantize_model"
+    check_choice(op, "group_size", group_size, SUPPORTED_GROUP_SIZES)
+    if fallback_group_size is not None:
+        check_choice(op, "fallback_group_size", fallback_group_size, SUPPORTED_GROUP_SIZES)
+        if fallback_group_size >= group_size:
+            fail(op, "fallback_group_size", f"None or a group size smaller than group_size={group_size}",
+                 fallback_group_size)
+    if not isinstance(return_summary, bool):
+        fail_type(op, "return_summary", "a bool", f"{type(return_summary).__name__} {return_summary!r}")
+    todo, skipped = _plan(model, group_size, fallback_group_size, skip)
+    for name, (layer, g) in todo.items():
         imp = None if impact is None else impact.get(name)
         _set_submodule(model, name, CherryQLinear.from_linear(
-            layer, bits=bits, group_size=group_size, cherries_per_row=cherries_per_row, impact=imp, qat=qat))
-    return model
+            layer, bits=bits, group_size=g, cherries_per_row=cherries_per_row, impact=imp, qat=qat))
+    summary = {"quantized": {name: g for name, (_, g) in todo.items()}, "skipped": skipped}
+    by_shape = {name: reason for name, reason in skipped.items() if not reason.startswith("name matches skip")}
+    if by_shape:
+        ks = {name: linear_weight(dict(model.named_modules())[name]).shape[1] for name in by_shape}
+        sizes = f"group_size={group_size}" + (f" or fallback_group_size={fallback_group_size}"
+                                              if fallback_group_size is not None else "")
+        hint = _fallback_hint(list(ks.values()), group_size)
+        listed = ", ".join(f"{name} (in_features={k})" for name, k in list(ks.items())[:8])
+        more = f" and {len(ks) - 8} more" if len(ks) > 8 else ""
+        advice = (f"fallback_group_size={hint} would quantize them" if hint is not None and hint != fallback_group_size
+                  else f"no supported group size below {group_size} divides them all")
+        warnings.warn(f"pyfast.{op}: {len(ks)} of {len(todo) + len(ks)} linear layers left unquantized "
+                      f"(in_features not a multiple of {sizes}): {listed}{more}; {advice}", UserWarning, stacklevel=2)
+    return (model, summary) if return_summary else model
 
 
 def finish_qat(model: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ import time
 import torch
 
 import pyfast
+from pyfast.sparse.model import CACHE_KWARG
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def _run(model, cache, first: torch.Tensor, n_new: int, forced: torch.Tensor | N
     Returns (log-probs [n_new, V] float32, greedy tokens [n_new])."""
     tok, logp, greedy = first, [], []
     for t in range(n_new):
-        logits = model(tok, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        logits = model(tok, **{CACHE_KWARG: cache}, use_cache=True).logits[0, -1].float()
         logp.append(torch.log_softmax(logits, -1))
         greedy.append(logits.argmax())
         tok = forced[:, t : t + 1] if forced is not None else greedy[-1].view(1, 1)
@@ -70,7 +71,7 @@ def sparse_quality(
                                           sink_blocks=sink_blocks, local_blocks=local_blocks, backend=backend)
     t0 = time.perf_counter()
     with torch.no_grad():
-        first = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1].argmax()
+        first = model(prompt_ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1).logits[0, -1].argmax()
     first = first.view(1, 1)
     log(f"prefill of {p_len} tokens: {time.perf_counter() - t0:.1f} s")
 

@@ -12,7 +12,8 @@ Two pieces, no model code patched:
 
 Example:
     >>> cache = pyfast.enable_sparse_decoding(model, max_length=4096, topk=16)   # block_size 16
-    >>> out = model.generate(ids, max_new_tokens=128, past_key_values=cache, do_sample=False)
+    >>> out = model.generate(ids, max_new_tokens=128, cache=cache, do_sample=False)
+    >>> # transformers < 5.24 names the argument past_key_values: generate(..., past_key_values=cache)
     >>> cache.stats()["kv_read_fraction"]
     >>> cache.reset()                                   # before the next prompt (or make a new one)
 
@@ -28,6 +29,8 @@ attribute).
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -38,6 +41,9 @@ from pyfast.sparse.modules import SparseKVCache
 from pyfast.sparse.ops import check_budget
 
 ATTN_IMPLEMENTATION = "pyfast_sparse"
+# The keyword a cache is passed under to model(...) and model.generate(...): transformers 5.24
+# renamed `past_key_values` to `cache` (the old name still works there, with a FutureWarning).
+CACHE_KWARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 _TAG = "_pyfast_sparse"  # attribute on the key tensor returned by update(): (SparseKVCache, layer)
 
 
@@ -99,8 +105,9 @@ def _decoder_geometry(config) -> tuple[int, int, int, int]:
 class SparseDecodingCache(Cache):
     """A transformers Cache for block top-k sparse decoding, preallocated for `max_length` tokens.
 
-    Pass it as `past_key_values` to `model(...)` or `model.generate(...)` of a model switched to
-    attn_implementation "pyfast_sparse" (pyfast.enable_sparse_decoding does both). topk=None
+    Pass it as `cache=` (transformers >= 5.24; `past_key_values=` before) to `model(...)` or
+    `model.generate(...)` of a model switched to attn_implementation "pyfast_sparse"
+    (pyfast.enable_sparse_decoding does both). topk=None
     decodes densely (pyfast.decode_attention). Options as pyfast.SparseKVCache; dtype and device
     default to the model's. `self.kv` is the underlying SparseKVCache; `stats()` its counters;
     the selection options can be changed between steps (`cache.kv.topk = 8`).
@@ -131,6 +138,9 @@ class SparseDecodingCache(Cache):
         super().__init__(layers=[_SparseLayer(self.kv, i) for i in range(n_layers)])
 
     def stats(self) -> dict:
+        """The SparseKVCache's counters: 'decode_steps' (single-token decode steps, i.e. tokens
+        decoded; `generate(max_new_tokens=n)` makes n - 1, its first token comes from the prefill),
+        'layer_steps' (the same summed over layers), 'kv_read_fraction', 'kept_token_fraction'."""
         return self.kv.stats()
 
     def reset(self) -> None:
@@ -196,6 +206,8 @@ def enable_sparse_decoding(model, *, max_length: int, **options) -> SparseDecodi
     options: batch_size=1, block_size=16, topk=64 (None: dense), sink_blocks=1, local_blocks=4,
     dtype, device, backend. The model stays exact without the cache (SDPA); undo with
     disable_sparse_decoding(model). On an error (bad option) the model is left unchanged.
+    Pass the cache to `model.generate` / `model(...)` as `cache=cache` (transformers >= 5.24; older
+    versions name it `past_key_values=cache`, which 5.24 still accepts with a FutureWarning).
 
     Example (a tiny random Llama; any transformers decoder with SDPA attention works the same):
         >>> import transformers
@@ -204,9 +216,11 @@ def enable_sparse_decoding(model, *, max_length: int, **options) -> SparseDecodi
         >>> model = transformers.LlamaForCausalLM(cfg).eval()
         >>> ids = torch.randint(0, 97, (1, 40))
         >>> cache = pyfast.enable_sparse_decoding(model, max_length=64, topk=2)
-        >>> out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+        >>> out = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache)
         >>> out.shape
         torch.Size([1, 48])
+        >>> cache.stats()["decode_steps"], cache.stats()["layer_steps"]   # 7 tokens decoded (1 from the prefill), 2 layers
+        (7, 14)
         >>> pyfast.disable_sparse_decoding(model)
     """
     cache = SparseDecodingCache(model, max_length=max_length, **options)  # checks everything first

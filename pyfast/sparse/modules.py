@@ -87,7 +87,7 @@ class SparseKVCache:
         self._read = torch.zeros((), dtype=torch.float64, device=device)
         self._dense = torch.zeros((), dtype=torch.float64, device=device)
         self._kept = torch.zeros((), dtype=torch.float64, device=device)
-        self._steps = 0
+        self._layer_steps = [0] * n_layers  # single-token decode steps per layer (host ints: no sync)
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -247,7 +247,7 @@ class SparseKVCache:
         KV head is D elements, a block key too; every head and layer has the same lengths)."""
         length = self.cache_seqlens[layer].to(torch.float64)
         self._dense += 2 * length.sum()
-        self._steps += 1
+        self._layer_steps[layer] += 1
         if self.dense:
             self._read += 2 * length.sum()
             self._kept += length.sum()
@@ -265,14 +265,23 @@ class SparseKVCache:
     def reset_stats(self) -> None:
         for t in (self._read, self._dense, self._kept):
             t.zero_()
-        self._steps = 0
+        self._layer_steps = [0] * self.n_layers
 
     def stats(self) -> dict:
-        """{'decode_steps': layer-steps counted, 'kv_read_fraction': bytes read / dense bytes,
-        'kept_token_fraction': attended tokens / valid tokens} (fractions 1.0 before any step)."""
+        """Counters since the last reset / reset_stats (fractions 1.0 before any step):
+
+        - 'decode_steps': single-token decode steps, i.e. tokens decoded per sequence (a model's
+          decode step runs every layer once; counted as the most steps any layer has run, so
+          `generate(max_new_tokens=n)` gives n - 1: its first token comes from the prefill);
+        - 'layer_steps': single-token attention calls summed over layers (decode_steps * n_layers
+          when every layer decodes every step);
+        - 'kv_read_fraction': KV bytes read / dense bytes; 'kept_token_fraction': attended tokens /
+          valid tokens.
+        """
         dense = float(self._dense)
         return {
-            "decode_steps": self._steps,
+            "decode_steps": max(self._layer_steps),
+            "layer_steps": sum(self._layer_steps),
             "kv_read_fraction": float(self._read) / dense if dense else 1.0,
             "kept_token_fraction": 2 * float(self._kept) / dense if dense else 1.0,
         }

@@ -1,5 +1,7 @@
 """CherryQLinear, model tools (quantize_model, estimate_impact), safetensors I/O and QAT."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -72,6 +74,74 @@ def test_quantize_model_and_safetensors_roundtrip(tmp_path):
     loaded = pyfast.load_quantized(TinyMLP(), path)
     assert isinstance(loaded.up, pyfast.CherryQLinear)
     assert torch.equal(loaded(x), qmodel(x))
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_quantize_model_reports_skipped_layers_and_falls_back():
+    """hidden 64, intermediate 128: at group_size 128 only down_proj fits; the other 12 linears
+    are named in one warning (with the fallback that fits them) and in the summary."""
+    model = _tiny_llama()
+    with pytest.warns(UserWarning) as caught:
+        out, summary = pyfast.quantize_model(model, bits=3, group_size=128, return_summary=True)
+    assert out is model and len(caught) == 1
+    msg = str(caught[0].message)
+    assert msg.startswith("pyfast.quantize_model: 12 of 14 linear layers left unquantized")
+    assert "model.layers.0.self_attn.q_proj (in_features=64)" in msg and "fallback_group_size=64" in msg
+    assert "lm_head" not in msg  # skipped by name, as asked: no warning for it
+    assert summary["quantized"] == {f"model.layers.{i}.mlp.down_proj": 128 for i in range(2)}
+    assert summary["skipped"]["lm_head"] == "name matches skip 'lm_head'"
+    assert summary["skipped"]["model.layers.1.mlp.up_proj"] == "in_features=64 is not a multiple of group_size=128"
+    assert len(summary["skipped"]) == 13
+    assert isinstance(model.model.layers[0].mlp.down_proj, pyfast.CherryQLinear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything fits: no warning
+        out, summary = pyfast.quantize_model(model, bits=4, group_size=128, fallback_group_size=64,
+                                             return_summary=True)
+    assert summary["skipped"] == {"lm_head": "name matches skip 'lm_head'"}
+    assert sorted(set(summary["quantized"].values())) == [64, 128] and len(summary["quantized"]) == 14
+    assert model.model.layers[0].self_attn.q_proj.group_size == 64
+    assert model.model.layers[0].mlp.down_proj.group_size == 128
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.isfinite(got).all() and ((got - want).norm() / want.norm()) < 0.2  # 4-bit error only
+
+
+def test_quantize_model_fallback_that_does_not_fit_and_backward_compat():
+    model = nn.Sequential(nn.Linear(96, 32), nn.Linear(32, 8))  # 96 = 3 * 32: only 32 divides both
+    with pytest.warns(UserWarning, match=r"2 of 2 linear layers .* group_size=128 or fallback_group_size=64\): "
+                                         r"0 \(in_features=96\), 1 \(in_features=32\); fallback_group_size=32"):
+        out = pyfast.quantize_model(model, group_size=128, fallback_group_size=64)
+    assert out is model and all(type(m) is nn.Linear for m in model)  # plain return value by default
+    with pytest.warns(UserWarning, match="no supported group size below 128"):
+        pyfast.quantize_model(nn.Sequential(nn.Linear(48, 8)), group_size=128)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(fallback_group_size=128), ValueError, "expected fallback_group_size None or a group size smaller than "
+                                                "group_size=128, got 128"),
+    (dict(fallback_group_size=48), ValueError, r"expected fallback_group_size one of \(32, 64, 128, 256\), got 48"),
+    (dict(fallback_group_size=64.0), TypeError, "expected fallback_group_size an int"),
+    (dict(group_size=100), ValueError, "expected group_size one of"),
+    (dict(return_summary=1), TypeError, "expected return_summary a bool, got int 1"),
+])
+def test_quantize_model_rejects_bad_options(kwargs, error, match):
+    model = TinyMLP()
+    with pytest.raises(error, match="pyfast.quantize_model: " + match):
+        pyfast.quantize_model(model, **kwargs)
+    assert type(model.up) is nn.Linear  # nothing replaced
 
 
 def test_load_rejects_truncated_and_tampered(tmp_path):

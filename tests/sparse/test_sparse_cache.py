@@ -116,11 +116,11 @@ def test_stats_count_kept_tokens(topk):
         ncand = [max(L // 4 - 3, 0) for L in lengths]
         scored = sum(c for c in ncand if c > topk) if topk > 0 else 0  # no choice, no scores
     st = cache.stats()
-    assert st["decode_steps"] == 1
+    assert st["decode_steps"] == 1 and st["layer_steps"] == 1
     assert st["kept_token_fraction"] == pytest.approx(kept / sum(lengths))
     assert st["kv_read_fraction"] == pytest.approx((2 * kept + scored) / (2 * sum(lengths)))
     cache.reset_stats()
-    assert cache.stats()["decode_steps"] == 0
+    assert cache.stats()["decode_steps"] == 0 and cache.stats()["layer_steps"] == 0
 
 
 def test_bad_arguments():
@@ -176,3 +176,21 @@ def test_select_batch_bad_index_changes_nothing(index, match):
     with pytest.raises(ValueError, match="index with 3 entries"):
         cache.reorder(torch.tensor([0, 1]))
     assert torch.equal(cache._k, before[0]) and torch.equal(cache._len, before[1]) and cache.batch_size == 3
+
+
+def test_stats_count_tokens_and_layer_steps():
+    """decode_steps counts decode steps (tokens), not layer calls; layer_steps counts those."""
+    cache = pyfast.SparseKVCache(3, 1, 2, 8, 32, topk=2, **OPTS)
+    for layer in range(3):
+        cache.append(layer, torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8))
+    assert cache.stats()["decode_steps"] == 0 and cache.stats()["layer_steps"] == 0  # a prefill is no decode step
+    for _ in range(5):  # 5 tokens through all 3 layers
+        for layer in range(3):
+            cache.append(layer, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+            cache.attend(layer, torch.randn(1, 4, 8))
+    st = cache.stats()
+    assert (st["decode_steps"], st["layer_steps"]) == (5, 15)
+    cache.attend(0, torch.randn(1, 4, 8))  # one more step of layer 0 only
+    assert (cache.stats()["decode_steps"], cache.stats()["layer_steps"]) == (6, 16)
+    cache.reset()
+    assert (cache.stats()["decode_steps"], cache.stats()["layer_steps"]) == (0, 0)

@@ -1,7 +1,11 @@
 """Sparse decoding inside transformers models: tiny randomly initialised Llama (GQA), Qwen2 and
 GPT-2 (no downloads). With topk covering every block, greedy decoding through the pyfast cache
 reproduces HF's dense decoding token for token; with a small topk it runs, reads less, and its
-byte counters match the selection rule."""
+byte counters match the selection rule. Tests that pass the cache run under both spellings of
+the keyword: `cache=` (transformers >= 5.24; must not warn) and `past_key_values=` (older
+versions; deprecated with a FutureWarning from 5.24)."""
+
+import warnings
 
 import pytest
 import torch
@@ -9,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import pyfast  # noqa: E402
-from pyfast.sparse.model import ATTN_IMPLEMENTATION  # noqa: E402
+from pyfast.sparse.model import ATTN_IMPLEMENTATION, CACHE_KWARG  # noqa: E402
 
 BLOCK = 4  # small blocks, so a 37-token prompt has 9 of them and the selection matters
 PROMPT, NEW = 37, 24
@@ -40,14 +44,14 @@ def _tiny(family: str):
     return model.eval().requires_grad_(False)
 
 
-def _greedy(model, ids, cache, n_new):
+def _greedy(model, ids, cache, n_new, spelling="past_key_values"):
     """A manual greedy loop: prefill, then one token at a time."""
     out = []
-    logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(ids, **{spelling: cache}, use_cache=True).logits[:, -1]
     for _ in range(n_new):
         nxt = logits.argmax(-1, keepdim=True)
         out.append(nxt)
-        logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(nxt, **{spelling: cache}, use_cache=True).logits[:, -1]
     return torch.cat(out, 1)
 
 
@@ -56,38 +60,65 @@ def family(request):
     return request.param
 
 
-def test_full_budget_equals_dense_hf(family):
+@pytest.fixture(params=[
+    "past_key_values",
+    pytest.param("cache", marks=pytest.mark.skipif(CACHE_KWARG != "cache",
+                                                   reason="transformers < 5.24 has no cache= keyword")),
+])
+def spelling(request):
+    """The keyword the cache is passed under to model(...) and model.generate(...). The current
+    spelling must not warn; the deprecated one's FutureWarning (transformers >= 5.24) is expected."""
+    with warnings.catch_warnings():  # set up inside pytest's per-test filters, so it lasts the test
+        if request.param == "cache":
+            warnings.simplefilter("error", FutureWarning)
+        else:
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+        yield request.param
+
+
+def test_cache_kwarg_matches_transformers():
+    import inspect
+
+    forward = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    assert CACHE_KWARG in forward
+    assert ("cache" in forward) == (CACHE_KWARG == "cache")
+
+
+def test_full_budget_equals_dense_hf(family, spelling):
     model = _tiny(family)
     ids = torch.randint(3, 97, (1, PROMPT))
     want = model.generate(ids, max_new_tokens=NEW, do_sample=False)  # sdpa + DynamicCache
     n_blocks = (PROMPT + NEW) // BLOCK
     cache = pyfast.enable_sparse_decoding(model, max_length=PROMPT + NEW + 3, topk=n_blocks, **SPARSE)
     assert model.config._attn_implementation == ATTN_IMPLEMENTATION
-    got = model.generate(ids, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
+    got = model.generate(ids, max_new_tokens=NEW, do_sample=False, **{spelling: cache})
     assert torch.equal(got, want)
     st = cache.stats()
-    assert st["decode_steps"] == (NEW - 1) * 2 and st["kept_token_fraction"] == 1.0
+    # NEW tokens: the first from the prefill, then NEW - 1 decode steps of both layers
+    assert st["decode_steps"] == NEW - 1 and st["layer_steps"] == (NEW - 1) * 2
+    assert st["kept_token_fraction"] == 1.0
     assert cache.kv.cache_seqlens[1].tolist() == [PROMPT + NEW - 1]
 
     cache.reset()  # the manual loop through the same cache, then dense mode
-    assert torch.equal(_greedy(model, ids, cache, NEW), want[:, PROMPT:])
+    assert torch.equal(_greedy(model, ids, cache, NEW, spelling), want[:, PROMPT:])
+    assert cache.stats()["decode_steps"] == NEW  # the manual loop also decodes the last token's successor
     cache.reset()
     cache.kv.topk = None
-    assert torch.equal(_greedy(model, ids, cache, NEW), want[:, PROMPT:])
+    assert torch.equal(_greedy(model, ids, cache, NEW, spelling), want[:, PROMPT:])
     pyfast.disable_sparse_decoding(model)
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_small_budget_reads_less(family):
+def test_small_budget_reads_less(family, spelling):
     model = _tiny(family)
     ids = torch.randint(3, 97, (1, PROMPT))
     full = model.generate(ids, max_new_tokens=NEW, do_sample=False)
     want = model(full).logits[0, PROMPT - 1 : -1]  # dense next-token logits along the continuation
     cache = pyfast.enable_sparse_decoding(model, max_length=PROMPT + NEW, topk=1, **SPARSE)
     # teacher-forced on the dense continuation: the prefill is exact, later steps drop blocks
-    got = [model(ids, past_key_values=cache).logits[0, -1]]
+    got = [model(ids, **{spelling: cache}).logits[0, -1]]
     for t in range(PROMPT, PROMPT + NEW - 1):
-        got.append(model(full[:, t : t + 1], past_key_values=cache).logits[0, -1])
+        got.append(model(full[:, t : t + 1], **{spelling: cache}).logits[0, -1])
     got = torch.stack(got)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
     assert torch.isfinite(got).all() and (got - want).abs().max() > 1e-3  # the selection matters
@@ -96,16 +127,16 @@ def test_small_budget_reads_less(family):
     nfull = lengths.div(BLOCK, rounding_mode="floor")
     kept = 4 * BLOCK + lengths - nfull * BLOCK
     st = cache.stats()
-    assert st["decode_steps"] == 2 * (NEW - 1)
+    assert st["decode_steps"] == NEW - 1 and st["layer_steps"] == 2 * (NEW - 1)
     assert st["kept_token_fraction"] == pytest.approx(float(kept.sum() / lengths.sum()))
     assert st["kv_read_fraction"] == pytest.approx(float((2 * kept + nfull - 3).sum() / (2 * lengths.sum())))
     assert st["kv_read_fraction"] < 0.6
     # free-running greedy decoding runs too
     cache.reset()
-    assert _greedy(model, ids, cache, NEW - 1).shape == (1, NEW - 1)
+    assert _greedy(model, ids, cache, NEW - 1, spelling).shape == (1, NEW - 1)
 
 
-def test_left_padded_batch_equals_dense_hf():
+def test_left_padded_batch_equals_dense_hf(spelling):
     model = _tiny("llama")
     ids = torch.randint(3, 97, (3, PROMPT))
     mask = torch.ones_like(ids)
@@ -113,7 +144,7 @@ def test_left_padded_batch_equals_dense_hf():
         ids[b, :pad], mask[b, :pad] = 0, 0
     want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     cache = pyfast.enable_sparse_decoding(model, max_length=PROMPT + NEW, batch_size=3, topk=64, **SPARSE)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **{spelling: cache})
     assert torch.equal(got, want)
     # every row holds only its own tokens
     assert cache.kv.cache_seqlens[0].tolist() == [PROMPT + NEW - 1, PROMPT + NEW - 6, PROMPT + NEW - 12]
@@ -141,7 +172,7 @@ def test_rejects_sliding_window_layers():
         pyfast.SparseDecodingCache(transformers.Qwen2ForCausalLM(cfg), max_length=16)
 
 
-def test_beam_search_equals_dense_hf():
+def test_beam_search_equals_dense_hf(spelling):
     """generate(num_beams=n) expands the batch before the prefill: a cache built for batch * n
     beams, reordered in place by transformers, gives HF's dense beam search exactly."""
     model = _tiny("llama")
@@ -152,26 +183,26 @@ def test_beam_search_equals_dense_hf():
                           num_return_sequences=2)
     cache = pyfast.enable_sparse_decoding(model, max_length=PROMPT + NEW, batch_size=6, topk=64, **SPARSE)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, num_beams=3,
-                         num_return_sequences=2, past_key_values=cache)
+                         num_return_sequences=2, **{spelling: cache})
     assert torch.equal(got, want)
 
 
-def test_batch_repeat_interleave_and_select_follow_dynamic_cache():
+def test_batch_repeat_interleave_and_select_follow_dynamic_cache(spelling):
     model = _tiny("qwen2")
     ids = torch.randint(3, 97, (2, PROMPT))
 
     def run(cache):
-        logits = [model(ids, past_key_values=cache).logits[:, -1]]
+        logits = [model(ids, **{spelling: cache}).logits[:, -1]]
         cache.batch_repeat_interleave(3)  # [a, a, a, b, b, b]
         nxt = torch.randint(3, 97, (6, 1), generator=torch.Generator().manual_seed(1))
         for _ in range(5):
-            logits.append(model(nxt, past_key_values=cache).logits[:, -1])
+            logits.append(model(nxt, **{spelling: cache}).logits[:, -1])
             nxt = logits[-1].argmax(-1, keepdim=True)
         keep = torch.tensor([4, 0, 2])
         cache.batch_select_indices(keep)
         nxt = nxt[keep]
         for _ in range(4):
-            logits.append(model(nxt, past_key_values=cache).logits[:, -1])
+            logits.append(model(nxt, **{spelling: cache}).logits[:, -1])
             nxt = logits[-1].argmax(-1, keepdim=True)
         return logits
 
