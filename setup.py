@@ -10,9 +10,22 @@ import glob
 import os
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-import torch
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ModuleNotFoundError as e:
+    if e.name != "torch":
+        raise
+    # pip's default isolated build env has no torch (pyproject.toml cannot list it: the extension
+    # must build against the torch the user runs). Stop at once with the command that works.
+    raise SystemExit(
+        "pyfast: torch is not importable here. pyfast is built against the torch you run, so it\n"
+        "cannot be built in pip's isolated build environment (pip's default). Install torch first, then:\n"
+        "    pip install setuptools wheel ninja\n"
+        "    pip install --no-build-isolation .\n"
+        "(or: bash scripts/install.sh, which does all of this)"
+    ) from None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
