@@ -61,22 +61,20 @@ class OpDef:
     check_data: Callable[..., None] | None = None  # rules that read tensor data (see _data_checks_allowed)
     autograd: Autograd | None = None
     differentiable: tuple[str, ...] = ()  # arguments the backward gives gradients for
-    doc: str = ""
 
     # Derived from the schema by `define`.
     arg_names: tuple[str, ...] = ()
     arg_kinds: tuple[str, ...] = ()  # "Tensor", "Tensor?", "int", "float", "float?", "bool", "str", ...
     tensor_args: tuple[int, ...] = ()  # positions of the Tensor / Tensor? arguments
-    scalar_args: tuple[int, ...] = ()  # positions of the others
-    scalar_binds: tuple[tuple[int, type | None], ...] = ()  # (position, the Python type that binds as is)
+    scalar_binds: tuple[tuple[int, type | None], ...] = ()  # the others: (position, Python type binding as is)
     written: tuple[int, ...] = ()  # positions of the tensors the op writes in place
     overload: Any = None  # torch.ops.pyfast.<name>.default, set by `define`
 
     def call(self, *args, backend: str | None = None):
         """The public functions' entry: bind the arguments to the schema (TypeError naming the one
         that does not fit), then run the op. Plain eager calls (plain CPU/CUDA tensors, no
-        torch.compile, no dispatch or function mode, no gradient to record) go straight to `run`,
-        the function the dispatcher would reach for them, which saves the dispatcher's boxing of
+        torch.compile, no dispatch or function mode, no gradient to record) go straight to `_run`,
+        what the dispatcher would reach for them through `run`, which saves the dispatcher's boxing of
         every argument (decode loops make many small calls); everything else goes through
         torch.ops.pyfast.<name>."""
         if backend is not None and type(backend) is not str:
@@ -178,8 +176,8 @@ def _parse(opdef: OpDef) -> None:
     opdef.arg_names = tuple(a.name for a in schema.arguments)
     opdef.arg_kinds = tuple(kinds)
     opdef.tensor_args = tuple(i for i, k in enumerate(kinds) if k.startswith("Tensor"))
-    opdef.scalar_args = tuple(i for i, k in enumerate(kinds) if not k.startswith("Tensor"))
-    opdef.scalar_binds = tuple((i, _PLAIN_TYPES.get(kinds[i].rstrip("?"))) for i in opdef.scalar_args)
+    opdef.scalar_binds = tuple((i, _PLAIN_TYPES.get(k.rstrip("?"))) for i, k in enumerate(kinds)
+                               if not k.startswith("Tensor"))
     opdef.written = tuple(i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
 
 
@@ -193,15 +191,15 @@ _STRIDED = torch.strided
 def _check_device(opdef: OpDef, args) -> torch.device:
     """Strided tensors (no sparse or mkldnn layouts), all on one device (a meta tensor among CPU
     ones is an error). Returns the device."""
+    cpu = True
     for i in opdef.tensor_args:
         t = args[i]
-        if t is not None and t.layout is not _STRIDED:
+        if t is None:
+            continue
+        if t.layout is not _STRIDED:
             fail_type(opdef.name, opdef.arg_names[i], "a strided (dense) tensor", f"layout {t.layout}")
-    for i in opdef.tensor_args:  # fast path (decode loops): every tensor on the CPU
-        t = args[i]
-        if t is not None and not t.is_cpu:
-            break
-    else:
+        cpu = cpu and t.is_cpu
+    if cpu:  # the common case (decode loops): no torch.device objects built
         return _CPU
     first = opdef.tensor_args[0]
     device = args[first].device

@@ -44,6 +44,7 @@ Words are stored as int32 (two's complement of the uint32 bit pattern).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -101,6 +102,21 @@ class CherryQWeight:
 
 
 TENSOR_FIELDS = ("qweight", "scales", "zeros", "cherry_idx", "cherry_val")
+
+
+def packed_layout(n: int, k: int, cherries: int, bits: int, group_size: int) -> dict[str, tuple[torch.dtype, tuple]]:
+    """{field: (dtype, shape)} of the five tensors of an [n, k] weight with `cherries` per row, in
+    TENSOR_FIELDS order: the table above as data (the op's rules, the module's buffers and the
+    file loader all read it from here)."""
+    g = k // group_size
+    return {"qweight": (torch.int32, (n, k // PACK * bits)), "scales": (torch.float16, (n, g)),
+            "zeros": (torch.float16, (n, g)), "cherry_idx": (torch.int32, (n, cherries)),
+            "cherry_val": (torch.float16, (n, cherries))}
+
+
+# The op's rules read the layout on every call: remembered per size (plain ints only; torch.compile
+# traces with symbolic sizes, which are not hashable). Shared: never mutate what it returns.
+packed_layout_cached = functools.lru_cache(maxsize=1024)(packed_layout)
 
 
 def _plane_shifts(width: int, device) -> torch.Tensor:

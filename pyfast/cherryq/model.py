@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pyfast._validate import check_choice, check_int, fail, fail_type
-from pyfast.cherryq.format import PACK, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, TENSOR_FIELDS, CherryQWeight
+from pyfast.cherryq.format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, TENSOR_FIELDS, CherryQWeight, packed_layout
 from pyfast.cherryq.modules import CherryQLinear, is_conv1d, linear_weight
 
 
@@ -101,10 +101,13 @@ def _plan(model: nn.Module, group_size: int, fallback_group_size: int | None, sk
         elif fallback_group_size is not None and k % fallback_group_size == 0:
             todo[name] = (mod, fallback_group_size)
         else:
-            sizes = f"group_size={group_size}" + (f" or fallback_group_size={fallback_group_size}"
-                                                  if fallback_group_size is not None else "")
-            skipped[name] = f"in_features={k} is not a multiple of {sizes}"
+            skipped[name] = f"in_features={k} is not a multiple of {_sizes(group_size, fallback_group_size)}"
     return todo, skipped
+
+
+def _sizes(group_size: int, fallback_group_size: int | None) -> str:
+    return f"group_size={group_size}" + ("" if fallback_group_size is None else
+                                         f" or fallback_group_size={fallback_group_size}")
 
 
 def _fallback_hint(ks: list[int], group_size: int) -> int | None:
@@ -165,16 +168,15 @@ def quantize_model(
     summary = {"quantized": {name: g for name, (_, g) in todo.items()}, "skipped": skipped}
     by_shape = {name: reason for name, reason in skipped.items() if not reason.startswith("name matches skip")}
     if by_shape:
-        ks = {name: linear_weight(dict(model.named_modules())[name]).shape[1] for name in by_shape}
-        sizes = f"group_size={group_size}" + (f" or fallback_group_size={fallback_group_size}"
-                                              if fallback_group_size is not None else "")
+        modules = dict(model.named_modules())
+        ks = {name: linear_weight(modules[name]).shape[1] for name in by_shape}
         hint = _fallback_hint(list(ks.values()), group_size)
-        listed = ", ".join(f"{name} (in_features={k})" for name, k in list(ks.items())[:8])
-        more = f" and {len(ks) - 8} more" if len(ks) > 8 else ""
+        listed = _some([f"{name} (in_features={k})" for name, k in ks.items()])
         advice = (f"fallback_group_size={hint} would quantize them" if hint is not None and hint != fallback_group_size
                   else f"no supported group size below {group_size} divides them all")
         warnings.warn(f"pyfast.{op}: {len(ks)} of {len(todo) + len(ks)} linear layers left unquantized "
-                      f"(in_features not a multiple of {sizes}): {listed}{more}; {advice}", UserWarning, stacklevel=2)
+                      f"(in_features not a multiple of {_sizes(group_size, fallback_group_size)}): {listed}; {advice}",
+                      UserWarning, stacklevel=2)
     return (model, summary) if return_summary else model
 
 
@@ -337,11 +339,8 @@ def _device(layer: nn.Module) -> torch.device:
 
 def _layer_tensors(c: dict, bias_dtype: torch.dtype | None) -> dict[str, tuple[torch.dtype, tuple]]:
     """{tensor name: (dtype, shape)} of a CherryQLinear with config c (see pyfast.cherryq.format)."""
-    n, k, cpr = c["out_features"], c["in_features"], c["cherries_per_row"]
-    g = k // c["group_size"]
-    out = {"qweight": (torch.int32, (n, k // PACK * c["bits"])), "scales": (torch.float16, (n, g)),
-           "zeros": (torch.float16, (n, g)), "cherry_idx": (torch.int32, (n, cpr)),
-           "cherry_val": (torch.float16, (n, cpr))}
+    n = c["out_features"]
+    out = dict(packed_layout(n, c["in_features"], c["cherries_per_row"], c["bits"], c["group_size"]))
     if bias_dtype is not None:
         out["bias"] = (bias_dtype, (n,))
     return out

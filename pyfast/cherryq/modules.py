@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyfast._validate import check_choice, fail
-from pyfast.cherryq.format import TENSOR_FIELDS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CherryQWeight, PACK
+from pyfast.cherryq.format import TENSOR_FIELDS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CherryQWeight, packed_layout
 from pyfast.cherryq.ops import cherryq_matmul
 from pyfast.cherryq.quantize import (
     cherry_keep_mask,
@@ -71,11 +71,9 @@ class CherryQLinear(nn.Module):
         self.bits, self.group_size, self.cherries_per_row = bits, group_size, c
         n, k = out_features, in_features
         kw = dict(device=device)
-        self.register_buffer("qweight", torch.zeros(n, k // PACK * bits, dtype=torch.int32, **kw))
-        self.register_buffer("scales", torch.zeros(n, k // group_size, dtype=torch.float16, **kw))
-        self.register_buffer("zeros", torch.zeros(n, k // group_size, dtype=torch.float16, **kw))
-        self.register_buffer("cherry_idx", torch.arange(c, dtype=torch.int32, **kw).expand(n, c).contiguous())
-        self.register_buffer("cherry_val", torch.zeros(n, c, dtype=torch.float16, **kw))
+        for field, (buf_dtype, shape) in packed_layout(n, k, c, bits, group_size).items():
+            self.register_buffer(field, torch.zeros(shape, dtype=buf_dtype, **kw))
+        self.cherry_idx.copy_(torch.arange(c, dtype=torch.int32, **kw))  # distinct columns, ascending
         self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, **kw)) if bias else None
         self.register_parameter("weight", None)  # float32 master weight, only during QAT
 

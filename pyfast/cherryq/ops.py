@@ -12,7 +12,8 @@ import torch
 
 from pyfast import _ops, _registry
 from pyfast._validate import FLOAT_DTYPES, check_choice, check_tensor, fail, fail_type
-from pyfast.cherryq.format import PACK, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CherryQWeight, codes_at
+from pyfast.cherryq.format import (SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CherryQWeight, codes_at, packed_layout,
+                                   packed_layout_cached)
 from pyfast.reference import cherryq as reference
 
 OP = "cherryq_matmul"
@@ -36,14 +37,12 @@ def check_packed(op: str, qweight, scales, zeros, cherry_idx, cherry_val, bits, 
     if type(cherry_idx) is not torch.Tensor or cherry_idx.dim() != 2:
         check_tensor(op, "cherry_idx", cherry_idx, dtypes=(torch.int32,), ndim=2)
     c = cherry_idx.shape[1]
-    # name, tensor, dtype, shape; every one contiguous (kernels read them as flat row-major arrays).
-    # One loop without calls in the common case (decode makes many small calls); check_tensor
-    # reports what is wrong otherwise.
-    for name, t, dtype, shape in (("qweight", qweight, torch.int32, (n, k // PACK * bits)),
-                                  ("zeros", zeros, torch.float16, (n, g)),
-                                  ("cherry_idx", cherry_idx, torch.int32, (n, c)),
-                                  ("cherry_val", cherry_val, torch.float16, (n, c)),
-                                  ("scales", scales, torch.float16, (n, g))):
+    # Every tensor as the format lays it out, and contiguous (kernels read them as flat row-major
+    # arrays). One loop without calls in the common case (decode makes many small calls);
+    # check_tensor reports what is wrong otherwise.
+    plain_sizes = type(n) is int and type(c) is int  # not symbolic (torch.compile's dynamic shapes)
+    layout = (packed_layout_cached if plain_sizes else packed_layout)(n, k, c, bits, group_size)
+    for (name, (dtype, shape)), t in zip(layout.items(), (qweight, scales, zeros, cherry_idx, cherry_val)):
         if type(t) is not torch.Tensor or t.dtype != dtype or t.shape != shape or not t.is_contiguous():
             check_tensor(op, name, t, dtypes=(dtype,), shape=shape)  # a tensor subclass may pass here
             if not t.is_contiguous():

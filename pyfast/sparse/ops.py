@@ -158,6 +158,11 @@ def _check_sparse(q, k_cache, v_cache, cache_seqlens, block_keys, block_size, to
     check_budget(op, topk, sink_blocks, local_blocks)
 
 
+def _attended_lengths(op: str):
+    """The data rule of both attention ops: 1 <= cache_seqlens[b] <= Tmax."""
+    return lambda q, k_cache, v_cache, cache_seqlens, *rest: check_seqlens(op, cache_seqlens, 1, k_cache.shape[2])
+
+
 def _fake_decode(q, *args):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
@@ -166,8 +171,7 @@ DECODE_ATTENTION = _registry.define(_registry.OpDef(
     name="decode_attention",
     schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float? scale) -> Tensor",
     check=_check_decode,
-    check_data=lambda q, k_cache, v_cache, cache_seqlens, scale: check_seqlens(
-        "decode_attention", cache_seqlens, 1, k_cache.shape[2]),
+    check_data=_attended_lengths("decode_attention"),
     fake=_fake_decode,
     impls={**_kernels("decode_attention"), "reference": lambda *a: reference.decode_attention(*a[:-1], scale=a[-1])},
     default_cuda=_default_cuda,
@@ -185,8 +189,7 @@ SPARSE_DECODE_ATTENTION = _registry.define(_registry.OpDef(
     schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor block_keys, int block_size, "
            "int topk, int sink_blocks, int local_blocks, float? scale) -> Tensor",
     check=_check_sparse,
-    check_data=lambda q, k_cache, v_cache, cache_seqlens, *rest: check_seqlens(
-        "sparse_decode_attention", cache_seqlens, 1, k_cache.shape[2]),
+    check_data=_attended_lengths("sparse_decode_attention"),
     fake=_fake_decode,
     impls={**_kernels("sparse_decode_attention"), "reference": _sparse_reference},
     default_cuda=_default_cuda,
