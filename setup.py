@@ -38,7 +38,10 @@ def read_version() -> str:
 
 
 def sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
+    """csrc files matching `pattern`, except csrc/emu (the tests' CPU emulation of the CUDA kernels,
+    built by tests/cuda_emu.py, never part of pyfast._C)."""
+    found = glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True)
+    return sorted(os.path.relpath(p, ROOT) for p in found if os.path.relpath(p, ROOT).split(os.sep)[1] != "emu")
 
 
 VERSION = read_version()

@@ -5,6 +5,14 @@
 #pragma once
 #include <ATen/ATen.h>
 
+// The CUDA entry points as X(namespace, name), for module.cpp and the CPU emulation of the CUDA
+// kernels (csrc/emu/emu_module.cpp), so both bind the same list.
+#define PYFAST_CUDA_ENTRY_POINTS(X)                                                                 \
+  X(cherryq, cherryq_matmul_cuda)                                                                    \
+  X(sparse, append_kv_cuda)                                                                          \
+  X(sparse, decode_attention_cuda)                                                                   \
+  X(sparse, sparse_decode_attention_cuda)
+
 namespace pyfast {
 
 namespace cherryq {

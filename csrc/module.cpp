@@ -40,10 +40,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_attention_cpu", &pyfast::sparse::decode_attention_cpu);
   m.def("sparse_decode_attention_cpu", &pyfast::sparse::sparse_decode_attention_cpu);
 #ifdef PYFAST_WITH_CUDA
-  m.def("cherryq_matmul_cuda", &pyfast::cherryq::cherryq_matmul_cuda);
-  m.def("append_kv_cuda", &pyfast::sparse::append_kv_cuda);
-  m.def("decode_attention_cuda", &pyfast::sparse::decode_attention_cuda);
-  m.def("sparse_decode_attention_cuda", &pyfast::sparse::sparse_decode_attention_cuda);
+#define PYFAST_BIND_CUDA(ns, name) m.def(#name, &pyfast::ns::name);
+  PYFAST_CUDA_ENTRY_POINTS(PYFAST_BIND_CUDA)
+#undef PYFAST_BIND_CUDA
 #endif
 
   m.def("set_poison_outputs", [](bool on) { pyfast::poison_outputs() = on; },

@@ -303,7 +303,7 @@ def resolve_backend(opdef: OpDef, backend: str | None, device: torch.device, arg
     if backend == "cpu" and device.type != "cpu":
         fail(op, "tensors", "on the CPU for backend='cpu'", device)
     if backend == "cuda":
-        if device.type != "cuda":
+        if device.type != "cuda" and not (device.type == "cpu" and _ops.cuda_emulated()):
             fail(op, "tensors", "on a CUDA device for backend='cuda'", device)
         if not _ops.has_cuda_kernels():
             fail(op, "backend", "'cuda' only in a build with the CUDA kernels (rebuild with nvcc present)",

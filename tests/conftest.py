@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pyfast  # noqa: E402
+from pyfast import _ops  # noqa: E402
 from pyfast._registry import REGISTRY  # noqa: E402
 from pyfast.testing import REL_TOL, poisoned_outputs, rel_tol  # noqa: E402
 
@@ -22,9 +24,16 @@ TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_BACKENDS = ("cpu", "triton", "cuda")
 
 
+# True while a test runs the CUDA kernels under the CPU emulation (its `backend` param has the id
+# "cuda_emu", value "cuda"): see tests/cuda_emu.py and the _cuda_emulation fixture below.
+EMULATING = [False]
+
+
 def device_for(backend: str) -> torch.device:
-    """Where a backend's tensors live: CUDA for "cuda", and for "triton" unless it runs in the
-    interpreter (CPU tensors); the CPU for "cpu" and "reference"."""
+    """Where a backend's tensors live: CUDA for "cuda" (the CPU while it is emulated), and for
+    "triton" unless it runs in the interpreter (CPU tensors); the CPU for "cpu" and "reference"."""
+    if backend == "cuda" and EMULATING[0]:
+        return torch.device("cpu")
     if backend == "cuda" or backend == "triton" and not TRITON_INTERPRETED:
         return torch.device("cuda")
     return torch.device("cpu")
@@ -47,19 +56,55 @@ def backend_marks(backend: str) -> list:
     return []
 
 
-def backends(op: str, only=None) -> list:
+def backends(op: str, only=None, *, emulated: bool = True) -> list:
     """pytest params for `backend`: the kernel backends of `op` (REGISTRY[op].impls), restricted to
-    `only` if given; "triton" skipped where triton is not installed, "cuda" marked `cuda`."""
+    `only` if given; "triton" skipped where triton is not installed, "cuda" marked `cuda`. A "cuda"
+    backend comes twice: on the GPU (id "cuda") and under the CPU emulation (id "cuda_emu", marked
+    `cuda_emu`, run everywhere) unless `emulated` is False (tests of what only a GPU has, e.g. CUDA graphs)."""
     impls = REGISTRY[op].impls
-    return [pytest.param(b, id=b, marks=backend_marks(b))
-            for b in KERNEL_BACKENDS if b in impls and (only is None or b in only)]
+    params = []
+    for b in KERNEL_BACKENDS:
+        if b in impls and (only is None or b in only):
+            params.append(pytest.param(b, id=b, marks=backend_marks(b)))
+            if b == "cuda" and emulated:
+                params.append(pytest.param(b, id="cuda_emu", marks=[pytest.mark.cuda_emu]))
+    return params
 
 
 def per_backend(op: str, cases: dict, ids=str) -> list:
     """pytest params for (`backend`, `case`): each backend with its own case list (`cases[backend]`),
-    so the slow Triton interpreter gets small shapes and the CPU and CUDA kernels bigger ones."""
-    return [pytest.param(b.values[0], case, id=f"{b.values[0]}-{ids(case)}", marks=b.marks)
+    so the slow Triton interpreter gets small shapes and the CPU and CUDA kernels bigger ones (the
+    emulated CUDA kernels run the CUDA cases)."""
+    return [pytest.param(b.values[0], case, id=f"{b.id}-{ids(case)}", marks=b.marks)
             for b in backends(op, only=cases) for case in cases[b.values[0]]]
+
+
+@pytest.fixture(scope="session")
+def cuda_emu_module():
+    """The CUDA entry points built for the CPU emulation (tests/cuda_emu.py; built on first use)."""
+    import cuda_emu
+
+    return cuda_emu.load()
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """Tests marked `cuda_emu` run backend="cuda" on CPU tensors through the emulated kernels,
+    every other test (by name) with each block's threads run last to first, so that a missing
+    barrier shows whichever side of it runs first."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    module = request.getfixturevalue("cuda_emu_module")
+    previous = _ops.emulate_cuda(module)
+    module.configure(132, zlib.crc32(request.node.nodeid.encode()) % 2 == 1)
+    EMULATING[0] = True
+    try:
+        yield
+    finally:
+        _ops.emulate_cuda(previous)
+        module.configure(132, False)
+        EMULATING[0] = False
 
 
 @pytest.fixture(autouse=True)

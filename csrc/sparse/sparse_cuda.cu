@@ -184,6 +184,8 @@ cudaError_t launch_decode(const DecodeParams& p, void* workspace, size_t workspa
         const dim3 grid(static_cast<unsigned>(ceil_div64(pl.nb, dev::kScoreBlocks)), static_cast<unsigned>(p.Hkv),
                         static_cast<unsigned>(p.B));
         dev::score_kernel<T><<<grid, dev::kScoreThreads, p.D * sizeof(float), stream>>>(s);
+        const cudaError_t e = cudaGetLastError();  // each launch checked where it happens
+        if (e != cudaSuccess) return e;
       }
       dev::SelectArgs sel{};
       sel.seqlens = p.cache_seqlens;
@@ -199,6 +201,8 @@ cudaError_t launch_decode(const DecodeParams& p, void* workspace, size_t workspa
       sel.local = static_cast<int>(pl.local);
       sel.nsel = static_cast<int>(pl.nsel);
       dev::select_kernel<<<bh_grid, dev::kSelectThreads, 0, stream>>>(sel);
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
       a.kept = kept;
       a.kept_tokens = count;
       a.nsel = sel.nsel;

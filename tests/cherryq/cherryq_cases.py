@@ -23,8 +23,8 @@ def make_weight(n, k, bits, group_size, cherries=None, seed=0, device="cpu"):
 def make_x(m, k, dtype=torch.float32, *, strided=False, device="cpu"):
     """x [M, K] in `dtype`; with `strided` a column window of a wider tensor (row stride K + 24,
     unit last-dim stride)."""
-    if strided:
-        return torch.randn(m, k + 24)[:, 8 : 8 + k].to(dtype).to(device)
+    if strided:  # sliced last: .to() of a strided view would return a packed copy
+        return torch.randn(m, k + 24).to(dtype).to(device)[:, 8 : 8 + k]
     return torch.randn(m, k).to(dtype).to(device)
 
 

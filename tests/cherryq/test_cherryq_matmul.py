@@ -54,7 +54,7 @@ def _matmul_params():
                 for dtype in DTYPES:
                     for shape in MATMUL_SHAPES[backend](bits, gs):
                         m, n, k, strided, with_bias = shape
-                        name = f"{backend}-b{bits}-g{gs}-{DTYPE_IDS[dtype]}-m{m}-n{n}-k{k}"
+                        name = f"{b.id}-b{bits}-g{gs}-{DTYPE_IDS[dtype]}-m{m}-n{n}-k{k}"
                         name += ("-strided" if strided else "") + ("" if with_bias else "-nobias")
                         params.append(pytest.param(backend, bits, gs, dtype, shape, marks=b.marks, id=name))
     return params
@@ -306,13 +306,13 @@ def test_triton_gemv_and_gemm_agree_across_the_dispatch_boundary(backend, m):
 def test_cuda_unaligned_rows_and_mixed_bias_dtype(backend, bits):
     # K % 128 != 0: 3-bit rows (and 2-bit rows when K % 64 != 0) are not 16-byte aligned and end in
     # a partial tile; a qweight view at an odd offset is misaligned for every bit width.
-    k = 32 * 13
-    qw = make_weight(257, k, bits, 32, seed=2, device="cuda")
-    buf = torch.empty(qw.qweight.numel() + 1, dtype=torch.int32, device="cuda")
+    k, dev = 32 * 13, device_for(backend)
+    qw = make_weight(257, k, bits, 32, seed=2, device=dev)
+    buf = torch.empty(qw.qweight.numel() + 1, dtype=torch.int32, device=dev)
     shifted = buf[1:].view_as(qw.qweight)
     shifted.copy_(qw.qweight)
-    x = torch.randn(5, k, dtype=torch.bfloat16, device="cuda")
-    bias = torch.randn(257, device="cuda")  # float32 bias with bfloat16 x
+    x = torch.randn(5, k, dtype=torch.bfloat16, device=dev)
+    bias = torch.randn(257, device=dev)  # float32 bias with bfloat16 x
     ref = expected(x, qw, bias)
     assert_close(raw_matmul(x, qw, bias, backend=backend), ref, tol(x.dtype, backend), "aligned base")
     assert_close(raw_matmul(x, dataclasses.replace(qw, qweight=shifted), bias, backend=backend), ref,
@@ -332,7 +332,8 @@ def test_cuda_cherry_indices_out_of_range_are_skipped(backend):
     # The kernel itself (the rules reject such indices in eager mode; under CUDA-graph capture they
     # cannot read them, and the kernel must skip them), as the Triton test calls its launchers.
     kernel = REGISTRY[OP].impls[backend]
-    out = raw_matmul(x.cuda(), dataclasses.replace(qw_cpu, cherry_idx=bad).to("cuda"), fn=kernel)
+    dev = device_for(backend)
+    out = raw_matmul(x.to(dev), dataclasses.replace(qw_cpu, cherry_idx=bad).to(dev), fn=kernel)
     assert_close(out, expected(x, dataclasses.replace(qw_cpu, cherry_val=val)), tol(x.dtype, backend), "bad cherry idx")
 
 

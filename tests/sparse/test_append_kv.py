@@ -12,6 +12,7 @@ import torch
 
 import pyfast
 from conftest import HAS_TRITON, backends, device_for, per_backend, tol
+from pyfast._registry import REGISTRY
 from pyfast.reference import sparse as ref
 from pyfast.testing import assert_close
 from sparse_cases import DTYPE_IDS, DTYPES, block_means, make_cache, randn, seqlens, shape_id
@@ -143,10 +144,11 @@ def test_unaligned_rows(backend):
 
 @only("cuda")
 def test_cuda_append_overflow_is_rejected_without_writing(backend):
-    k, v = (randn(2, 2, 32, 64, dtype=torch.float16, seed=s).cuda() for s in (1, 2))
+    dev = device_for(backend)
+    k, v = (randn(2, 2, 32, 64, dtype=torch.float16, seed=s).to(dev) for s in (1, 2))
     bk = block_means(k, 16)
-    n = torch.tensor([30, 4], dtype=torch.int32).cuda()
-    k_new = randn(2, 2, 3, 64, dtype=torch.float16, seed=3).cuda()
+    n = torch.tensor([30, 4], dtype=torch.int32).to(dev)
+    k_new = randn(2, 2, 3, 64, dtype=torch.float16, seed=3).to(dev)
     before = [t.clone() for t in (k, v, bk, n)]
     with pytest.raises(ValueError, match="cache_seqlens"):
         pyfast.append_kv(k, v, bk, n, k_new, k_new, block_size=16, backend=backend)
@@ -156,9 +158,9 @@ def test_cuda_append_overflow_is_rejected_without_writing(backend):
         assert torch.equal(t, t0), "a rejected append wrote to the cache"
 
 
-@only("triton")
-def test_triton_overflow_leaves_sequence_untouched(backend):
-    """The launcher itself (no host check, as during graph capture): a sequence that would pass
+@only("triton", "cuda")
+def test_kernel_overflow_leaves_sequence_untouched(backend):
+    """The kernel itself (no host check, as during graph capture): a sequence that would pass
     Tmax is neither written nor advanced; the others are appended."""
     dev = device_for(backend)
     b, hkv, tmax, d, bs = 2, 1, 12, 16, 4
@@ -168,7 +170,7 @@ def test_triton_overflow_leaves_sequence_untouched(backend):
     n = seqlens(10, 2, device=dev)
     k_new, v_new = torch.randn(b, hkv, 3, d, device=dev), torch.randn(b, hkv, 3, d, device=dev)
     before = [t.clone() for t in (k_cache, v_cache, bk)]
-    ks.append_kv(k_cache, v_cache, bk, n, k_new, v_new, bs)
+    REGISTRY[OP].impls[backend](k_cache, v_cache, bk, n, k_new, v_new, bs)
     assert n.tolist() == [10, 5]
     for t, t0 in zip((k_cache, v_cache, bk), before):
         assert torch.equal(t[0], t0[0])

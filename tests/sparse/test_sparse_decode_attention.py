@@ -160,7 +160,8 @@ def test_cuda_long_context_many_candidates(backend, dtype):
     # 256 candidate blocks (several score CTAs, several radix passes that matter), split-K merge.
     q, k, v, n, bk = problem(2, 8, 2, 4100, 128, dtype, [4100, 2333], seed=11)
     opts = dict(block_size=16, topk=37, sink_blocks=1, local_blocks=4)
-    out = pyfast.sparse_decode_attention(*(t.cuda() for t in (q, k, v, n, bk)), backend=backend, **opts)
+    dev = device_for(backend)
+    out = pyfast.sparse_decode_attention(*(t.to(dev) for t in (q, k, v, n, bk)), backend=backend, **opts)
     assert_close(out, ref.sparse_decode_attention(q, k, v, n, bk, **opts), tol(dtype, backend), "long context")
 
 
@@ -367,7 +368,7 @@ def _capture(state, q, k_new, v_new):
     return graph, outs
 
 
-@only("cuda")
+@pytest.mark.parametrize("backend", backends(OP, only=("cuda",), emulated=False))
 def test_cuda_graph_replay_matches_eager(backend):
     # append_kv + sparse_decode_attention + decode_attention captured once, replayed with new
     # q / k_new / v_new: every replay equals the eager step on a copy of the state.
@@ -391,7 +392,7 @@ def test_cuda_graph_replay_matches_eager(backend):
     assert n.tolist() == [60, 120]
 
 
-@only("cuda")
+@pytest.mark.parametrize("backend", backends(OP, only=("cuda",), emulated=False))
 def test_cuda_graph_append_past_tmax_leaves_the_sequence_untouched(backend):
     # Under capture the host cannot read cache_seqlens; the kernels skip a sequence that would
     # pass Tmax (the first replay fills sequence 0 to Tmax, the second must not touch it).

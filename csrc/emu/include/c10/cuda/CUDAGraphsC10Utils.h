@@ -1,0 +1,3 @@
+// CPU emulation: nothing is ever captured into a CUDA graph.
+#pragma once
+#include "CUDAStream.h"

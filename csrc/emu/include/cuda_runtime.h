@@ -1,0 +1,3 @@
+// CPU emulation: see csrc/emu/emu.h.
+#pragma once
+#include "../emu.h"

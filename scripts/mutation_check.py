@@ -1,0 +1,141 @@
+"""Mutation check of the CUDA kernels' tests (CI): each mutant below is a one-token bug in a CUDA
+source (a loop bound off by one, a dropped warp-reduction step, a missing barrier, a wrong
+operand...). For each, the emulated CUDA tests of its family (pytest -m cuda_emu, tests/cuda_emu.py)
+must fail. Mutants are applied to a copy of csrc/ and tests/ in a scratch directory (the checkout
+is never modified); the emulation's incremental build recompiles only the mutated unit.
+
+    python scripts/mutation_check.py [--only SUBSTRING] [--scratch DIR]
+
+Exit status 1 if a mutant survives (or does not apply / compile: fix the list below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (file under csrc/, exact original text (must occur once), replacement, what the bug is)
+MUTANTS = [
+    # cherryq: dequant GEMV
+    ("cherryq/cherryq_gemv.cuh", "for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync",
+     "for (int o = 16; o > 1; o >>= 1) v += __shfl_xor_sync", "warp_sum drops its last shuffle step"),
+    ("cherryq/cherryq_gemv.cuh", "u[1] = (w[q] >> 4) & 0x0F0F0F0Fu;", "u[1] = (w[q] >> 3) & 0x0F0F0F0Fu;",
+     "4-bit high nibbles decoded from the wrong bit"),
+    ("cherryq/cherryq_gemv.cuh", "    if (k0 > 0) __syncthreads();  // every lane is done reading the previous chunk",
+     "    if (k0 > 0) {}", "missing barrier before x of the next K-chunk is staged"),
+    ("cherryq/cherryq_gemv.cuh", "for (int pk = 0; pk < npk; ++pk) {", "for (int pk = 0; pk < npk - 1; ++pk) {",
+     "off-by-one: the last pack of every tile skipped"),
+    ("cherryq/cherryq_gemv.cuh", "    if (n >= N) continue;", "    if (n > N) continue;",
+     "off-by-one: stores one row past N"),
+    ("cherryq/cherryq_gemv.cuh", "if (static_cast<unsigned>(idx) < static_cast<unsigned>(K)) {",
+     "if (static_cast<unsigned>(idx) <= static_cast<unsigned>(K)) {", "cherry index K not skipped"),
+    ("cherryq/cherryq_cuda.cu", "if (rem > 0) return launch_rows", "if (rem > 1) return launch_rows",
+     "a single trailing row of x never launched"),
+    ("cherryq/cherryq_cuda.cu", "reinterpret_cast<uintptr_t>(p.qweight) % 16 == 0", "reinterpret_cast<uintptr_t>(p.qweight) % 4 == 0",
+     "16-byte loads from a misaligned qweight"),
+    # sparse: append, score, select, attention, merge
+    ("sparse/sparse_decode.cuh", "if (j >= (L + a.Tn) / bs) return;", "if (j > (L + a.Tn) / bs) return;",
+     "append: the mean of a block that is not full yet is written"),
+    ("sparse/sparse_decode.cuh", "for (int o = TPT / 2; o > 0; o >>= 1) s += __shfl_xor_sync",
+     "for (int o = TPT / 2; o > 1; o >>= 1) s += __shfl_xor_sync", "QK dot product drops a shuffle step"),
+    ("sparse/sparse_decode.cuh", "const float alpha = exp2f(m_old - m_use);", "const float alpha = exp2f(m_use - m_old);",
+     "online softmax rescales the wrong way"),
+    ("sparse/sparse_decode.cuh", "    __syncthreads();  // tile `it & 1` and p_s are reused next",
+     "    // (barrier removed)", "missing barrier before a shared tile is reused"),
+    ("sparse/sparse_decode.cuh", "if (lane + o < 32) suf += v;", "if (lane + o <= 32) suf += v;",
+     "radix select: suffix sums off by one lane"),
+    ("sparse/sparse_decode.cuh", "const float w = v.x == -INFINITY ? 0.0f : exp2f(v.x - m);",
+     "const float w = v.x == -INFINITY ? 0.0f : exp2f(m - v.x);", "merge weighs splits the wrong way"),
+    ("sparse/sparse_cuda.cu", "pl.nsel = std::min(pl.sink + pl.topk + pl.local, pl.nb) + 1;",
+     "pl.nsel = std::min(pl.sink + pl.topk + pl.local, pl.nb);", "no slot for the partial tail block"),
+    ("sparse/sparse_cuda.cu", "a.qscale = p.scale * dev::kLog2e;", "a.qscale = p.scale;",
+     "softmax in base 2 without the log2(e) factor"),
+    ("sparse/sparse_cuda.cu", "const int64_t fill = std::min(nb, ceil_div64(p.Tn, p.block_size));",
+     "const int64_t fill = std::min(nb, p.Tn / p.block_size);", "append: too few block-mean CTAs"),
+    # shared device helpers
+    ("common/cuda_dtype.cuh", "f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);",
+     "f[2 * i + 1] = __uint_as_float(w[i] & 0x7FFF0000u);", "bf16 unpack drops the sign of odd elements"),
+]
+
+FAMILY_TESTS = {"cherryq": "tests/cherryq", "sparse": "tests/sparse", "common": "tests"}
+
+
+def _copy_tree(scratch: Path) -> None:
+    for name in ("csrc", "tests"):
+        dst = scratch / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(ROOT / name, dst, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.o"))
+    shutil.copy(ROOT / "pyproject.toml", scratch / "pyproject.toml")
+
+
+def _pytest(scratch: Path, target: str, timeout: int) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "pytest", target, "-m", "cuda_emu", "-x", "-q", "-p", "no:cacheprovider"]
+    try:
+        r = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124, "timed out"
+    return r.returncode, r.stdout + r.stderr
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="run only mutants whose file or description contains this")
+    ap.add_argument("--scratch", default=os.environ.get("PYFAST_MUTANT_DIR", "/tmp/pyfast-mutants"))
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    args = ap.parse_args()
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    _copy_tree(scratch)
+    t0 = time.time()
+    # The unmutated copy must build and pass (else every mutant would be "killed").
+    sys.path.insert(0, str(scratch / "tests"))
+    import cuda_emu  # noqa: E402  (the copy's builder: ROOT = scratch)
+
+    cuda_emu.load()
+    print(f"baseline emulation built in {time.time() - t0:.0f} s", flush=True)
+    survived, broken, rows = [], [], []
+    for path, old, new, what in MUTANTS:
+        if args.only and args.only not in path and args.only not in what:
+            continue
+        src = scratch / "csrc" / path
+        original = (ROOT / "csrc" / path).read_text()
+        if original.count(old) != 1:
+            broken.append(f"{path}: {what}: the original text occurs {original.count(old)} times")
+            continue
+        src.write_text(original.replace(old, new))
+        start = time.time()
+        try:
+            rc, out = _pytest(scratch, FAMILY_TESTS[path.split("/")[0]], args.timeout)
+        finally:
+            src.write_text(original)
+        secs = time.time() - start
+        if "Error building extension" in out or "error:" in out and rc != 0 and "FAILED" not in out:
+            broken.append(f"{path}: {what}: did not build\n{out[-2000:]}")
+            verdict = "BUILD ERROR"
+        elif rc == 0:
+            survived.append(f"{path}: {what}")
+            verdict = "SURVIVED"
+        else:
+            failed = next((ln for ln in out.splitlines() if ln.startswith("FAILED")), "failed")
+            verdict = "killed: " + failed.removeprefix("FAILED ")[:110]
+        rows.append((path, what, f"{secs:.0f} s", verdict))
+        print(f"{path:28s} {what:58s} {secs:5.0f} s  {verdict}", flush=True)
+    print(f"{len(rows)} mutants, {len(survived)} survived, {len(broken)} broken, {time.time() - t0:.0f} s in all")
+    for s in survived:
+        print("SURVIVED:", s)
+    for b in broken:
+        print("BROKEN MUTANT:", b)
+    # Leave the copy's build matching the checkout (the next run starts from it).
+    return 1 if survived or broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
