@@ -90,6 +90,18 @@ def test_conversions_round_like_the_device(cuda_emu_module):
     assert (half_bits == 0x7FFF).all() and (bf16_bits == 0x7FFF).all()  # the device's canonical NaN
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_tensor_core_mma_by_the_ptx_fragment_layouts(cuda_emu_module, dtype):
+    """mma_m16n8k16 (csrc/common/cuda_mma.cuh): fragments built by the PTX ISA's layouts from
+    row-major A, B, C give A @ B + C (operands rounded to fp16/bf16, fp32 accumulation)."""
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(*s, generator=g) for s in ((16, 16), (16, 8), (16, 8)))
+    _, out, _, _ = run(cuda_emu_module, f"mma_{'f16' if dtype == torch.float16 else 'bf16'}", n=512,
+                       inp=torch.cat([a.flatten(), b.flatten(), c.flatten()]))
+    want = a.to(dtype).double() @ b.to(dtype).double() + c.double()
+    torch.testing.assert_close(out[:128].view(16, 8).double(), want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # What the emulation reports (each case is a kernel with that bug)
 # ---------------------------------------------------------------------------------------------

@@ -89,9 +89,14 @@ const dim3& block_dim();
 const dim3& grid_dim();
 void syncthreads();
 
-enum class WarpOp : int { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kSync };
-// One lane's part of a warp operation; returns its result (the source lane's payload, the ballot).
+enum class WarpOp : int { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kSync, kGather };
+// One lane's part of a warp operation; returns its result (the source lane's payload, the ballot;
+// for kGather a pointer to the 32 lanes' payloads, valid until the warp's next operation).
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t payload, int arg, int width);
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 for the calling lane, all 32
+// lanes taking part; fragments as the PTX ISA lays them out (csrc/common/cuda_mma.cuh).
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4], bool bf16);
 
 void* dynamic_shared();
 // Shared memory of one `__shared__` declaration site (`slot` is a static of that site): the same

@@ -106,6 +106,7 @@ struct Emu {
   uint3 bidx{};
   const std::function<void()>* body = nullptr;
   std::vector<Fiber> fibers = std::vector<Fiber>(kMaxThreads);
+  uint64_t gathered[kMaxThreads / 32][32] = {};  // per warp: the payloads of its last kGather
   Fiber* cur = nullptr;
   void* sched_sp = nullptr;
   bool aborting = false;
@@ -267,6 +268,10 @@ bool release_warps(int n) {
           return false;
         }
       }
+      if (f.op == WarpOp::kGather) {
+        uint64_t* all = e.gathered[w0 / 32];
+        for (int m = 0; m < 32; ++m) all[m] = (mask >> m & 1u) ? e.fibers[w0 + m].payload : 0;
+      }
       uint64_t ballot = 0;
       for (int m = 0; m < 32; ++m)
         if ((mask >> m & 1u) && e.fibers[w0 + m].payload != 0) ballot |= uint64_t{1} << m;
@@ -287,7 +292,9 @@ bool release_warps(int n) {
           record("shuffle reads lane " + std::to_string(src) + ", outside the mask, in " + where());
           return false;
         }
-        g.result = g.op == WarpOp::kBallot ? ballot : e.fibers[w0 + src].payload;
+        g.result = g.op == WarpOp::kBallot   ? ballot
+                   : g.op == WarpOp::kGather ? reinterpret_cast<uint64_t>(e.gathered[w0 / 32])
+                                             : e.fibers[w0 + src].payload;
       }
       for (int m = 0; m < 32; ++m)
         if (mask >> m & 1u) e.fibers[w0 + m].state = State::kRun;
@@ -420,6 +427,42 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t payload, int arg, int width)
   f.op = op, f.mask = mask, f.payload = payload, f.arg = arg, f.width = width;
   block_on(State::kWarp);
   return f.result;
+}
+
+// Element (row, col) of the lane-distributed fragments, per the PTX ISA's m16n8k16 layouts
+// (g = lane / 4, t = lane % 4; the low half of a 32-bit register holds the lower element index):
+//   A 16x16 (row-major), 4 registers x 2 halves: element i = 0..7 of a lane is at
+//     row g + 8 * ((i / 2) % 2), col 2t + (i % 2) + 8 * (i / 4)
+//   B 16x8 (column-major), 2 registers x 2 halves: element i = 0..3 at row 2t + (i % 2) + 8 * (i / 2), col g
+//   C, D 16x8 fp32, 4 floats: element i = 0..3 at row g + 8 * (i / 2), col 2t + (i % 2)
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4], bool bf16) {
+  struct Frag {
+    uint32_t a[4], b[2];
+    float c[4];
+  } mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  // Every lane publishes where its fragments are, reads all of them, then waits until every lane has
+  // read (its own fragments stay valid on its suspended stack until then).
+  const auto* all = reinterpret_cast<const uint64_t*>(warp_op(WarpOp::kGather, 0xFFFFFFFFu,
+                                                              reinterpret_cast<uint64_t>(&mine), 0, 32));
+  auto half_of = [](uint32_t reg, int hi) { return static_cast<uint16_t>(hi ? reg >> 16 : reg & 0xFFFFu); };
+  auto value = [bf16](uint16_t bits) { return bf16 ? u2f(uint32_t{bits} << 16) : half_bits_to_float(bits); };
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const Frag& f = *reinterpret_cast<const Frag*>(all[lane]);
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 8; ++i)
+      A[g + 8 * ((i / 2) % 2)][2 * t + (i % 2) + 8 * (i / 4)] = value(half_of(f.a[i / 2], i % 2));
+    for (int i = 0; i < 4; ++i) B[2 * t + (i % 2) + 8 * (i / 2)][g] = value(half_of(f.b[i / 2], i % 2));
+  }
+  const int lane = static_cast<int>(E().cur - E().fibers.data()) % 32;
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+    float acc = mine.c[i];
+    for (int k = 0; k < 16; ++k) acc = std::fma(A[row][k], B[k][col], acc);  // products exact in fp32
+    d[i] = acc;
+  }
+  warp_op(WarpOp::kSync, 0xFFFFFFFFu, 0, 0, 32);
 }
 
 void* dynamic_shared() { return E().dyn; }

@@ -9,7 +9,9 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
+#include "common/cuda_mma.cuh"
 #include "emu/emu_selftest.h"
 
 namespace pyfast_emu_selftest {
@@ -124,6 +126,34 @@ __global__ void convert_kernel(const float* in, int16_t* half_bits, int16_t* bf1
   bf16_bits[i] = static_cast<int16_t>(static_cast<__nv_bfloat16_raw>(b).x);
 }
 
+// One warp: D = A B + C with in = [A 16x16 | B 16x8 | C 16x8] row-major fp32 (A and B rounded to
+// T), out = D 16x8 row-major, through the fragment layouts of cuda_mma.cuh.
+template <typename T>
+__global__ void mma_kernel(const float* in, float* out) {
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  const float* A = in;
+  const float* B = in + 256;
+  const float* C = in + 384;
+  auto bits = [](float v) -> uint32_t {
+    if constexpr (std::is_same<T, __half>::value) return static_cast<__half_raw>(__float2half_rn(v)).x;
+    else return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(v)).x;
+  };
+  uint32_t a[4], b[2];
+  float c[4], d[4];
+  for (int r = 0; r < 4; ++r) {
+    const int i0 = 2 * r, i1 = 2 * r + 1;  // the register's two elements
+    auto at = [&](int i) { return A[(g + 8 * ((i / 2) % 2)) * 16 + 2 * t + (i % 2) + 8 * (i / 4)]; };
+    a[r] = bits(at(i0)) | (bits(at(i1)) << 16);
+  }
+  for (int r = 0; r < 2; ++r) {
+    auto at = [&](int i) { return B[(2 * t + (i % 2) + 8 * (i / 2)) * 8 + g]; };
+    b[r] = bits(at(2 * r)) | (bits(at(2 * r + 1)) << 16);
+  }
+  for (int i = 0; i < 4; ++i) c[i] = C[(g + 8 * (i / 2)) * 8 + 2 * t + (i % 2)];
+  pyfast::mma_m16n8k16<T>(d, a, b, c);
+  for (int i = 0; i < 4; ++i) out[(g + 8 * (i / 2)) * 8 + 2 * t + (i % 2)] = d[i];
+}
+
 }  // namespace
 
 // Runs case `name` on the given buffers; returns the launch's error (the caller raises on it).
@@ -157,6 +187,10 @@ cudaError_t run(const std::string& name, const float* in, float* out, int16_t* a
   } else if (name == "unchecked_launch_error") {
     block_sum_kernel<<<dim3(1, 70000), 256>>>(in, out, n);  // grid.y > 65535, error not returned
     return cudaSuccess;
+  } else if (name == "mma_f16") {
+    mma_kernel<__half><<<1, 32>>>(in, out);
+  } else if (name == "mma_bf16") {
+    mma_kernel<__nv_bfloat16><<<1, 32>>>(in, out);
   } else if (name == "convert") {
     convert_kernel<<<(n + 127) / 128, 128>>>(in, a, b, n);
   } else {
