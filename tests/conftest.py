@@ -89,15 +89,17 @@ def cuda_emu_module():
 
 @pytest.fixture(autouse=True)
 def _cuda_emulation(request):
-    """Tests marked `cuda_emu` run backend="cuda" on CPU tensors through the emulated kernels,
-    every other test (by name) with each block's threads run last to first, so that a missing
-    barrier shows whichever side of it runs first."""
+    """Tests marked `cuda_emu` run backend="cuda" on CPU tensors through the emulated kernels.
+    Two bits of a hash of the test's name vary the emulated device: threads run last to first
+    (so a missing barrier shows whichever side of it runs first), and the device reports 1 SM
+    instead of 132 (so split-K launches both with and without the merge)."""
     if request.node.get_closest_marker("cuda_emu") is None:
         yield
         return
     module = request.getfixturevalue("cuda_emu_module")
     previous = _ops.emulate_cuda(module)
-    module.configure(132, zlib.crc32(request.node.nodeid.encode()) % 2 == 1)
+    h = zlib.crc32(request.node.nodeid.encode())
+    module.configure(1 if h & 2 else 132, h & 1 == 1)
     EMULATING[0] = True
     try:
         yield

@@ -8,12 +8,14 @@ Each backend keeps its own shapes (the Triton interpreter is slow: small ones); 
 sparse_cases.py, backends, devices and tolerances from conftest.py."""
 
 import contextlib
+import functools
 
 import pytest
 import torch
 
 import pyfast
 from conftest import HAS_TRITON, backends, device_for, per_backend, tol
+from pyfast._registry import REGISTRY
 from pyfast.reference import sparse as ref
 from pyfast.testing import assert_close, cpu_isa
 from sparse_cases import CPU_SHAPES, CUDA_HEADS, DTYPE_IDS, DTYPES, make_cache, make_dense, make_query, problem, \
@@ -148,8 +150,8 @@ def test_triton_nan_query_split_k(backend):
     assert torch.isnan(dense[0, 1]).all() and torch.isfinite(dense[0, [0, 2, 3, 4, 5]]).all()
 
 
-@only("triton")
-def test_triton_lengths_are_clamped(backend):
+@only("triton", "cuda")
+def test_kernel_lengths_are_clamped(backend):
     """Lengths outside [0, Tmax] (possible only during CUDA-graph capture) read nothing out of
     bounds: L > Tmax acts as Tmax, L <= 0 attends to nothing (NaN, like the reference).
     sparse_decode_attention: test_sparse_decode_attention.py."""
@@ -158,7 +160,9 @@ def test_triton_lengths_are_clamped(backend):
     q, k, v, bk = make_dense(3, 4, 2, tmax, 16, torch.float32, block_size=8, device=dev)
     n = seqlens(tmax + 7, -3, 0, device=dev)
     clamped = seqlens(tmax, 0, 0, device=dev)
-    out = ks.decode_attention(q, k, v, n, None, num_splits=2)
+    # The kernel itself (the rules would refuse n); Triton with 2 splits, one of them past Tmax.
+    kernel = REGISTRY[OP].impls[backend] if backend == "cuda" else functools.partial(ks.decode_attention, num_splits=2)
+    out = kernel(q, k, v, n, None)
     assert_close(out, ref.decode_attention(q, k, v, clamped), tol(torch.float32, backend))
     assert torch.isnan(out[1:]).all()
 

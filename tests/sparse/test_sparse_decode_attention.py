@@ -9,12 +9,14 @@ Each backend keeps its own shapes (the Triton interpreter is slow: small ones); 
 sparse_cases.py, backends, devices and tolerances from conftest.py."""
 
 import contextlib
+import functools
 
 import pytest
 import torch
 
 import pyfast
 from conftest import HAS_TRITON, backends, device_for, per_backend, tol
+from pyfast._registry import REGISTRY
 from pyfast.reference import sparse as ref
 from pyfast.testing import assert_close, cpu_isa
 from sparse_cases import CPU_SHAPES, CUDA_HEADS, DTYPE_IDS, DTYPES, make_cache, make_dense, make_query, problem, \
@@ -283,8 +285,8 @@ def test_triton_large_topk_equals_dense(backend, dtype):
     assert_close(out, ref.decode_attention(q, k, v, n, scale=0.2), tol(dtype, backend))
 
 
-@only("triton")
-def test_triton_lengths_are_clamped(backend):
+@only("triton", "cuda")
+def test_kernel_lengths_are_clamped(backend):
     """Lengths outside [0, Tmax] (possible only during CUDA-graph capture) read nothing out of
     bounds: L > Tmax acts as Tmax, L <= 0 attends to nothing. decode_attention:
     test_decode_attention.py."""
@@ -293,7 +295,9 @@ def test_triton_lengths_are_clamped(backend):
     q, k, v, bk = make_dense(3, 4, 2, tmax, 16, torch.float32, block_size=bs, device=dev)
     n = seqlens(tmax + 7, -3, 0, device=dev)
     clamped = seqlens(tmax, 0, 0, device=dev)
-    out = ks.sparse_decode_attention(q, k, v, n, bk, bs, 2, 1, 1, None, num_splits=2)
+    # The kernel itself (the rules would refuse n); Triton with 2 splits.
+    kernel = REGISTRY[OP].impls[backend] if backend == "cuda" else functools.partial(ks.sparse_decode_attention, num_splits=2)
+    out = kernel(q, k, v, n, bk, bs, 2, 1, 1, None)
     mask = ref.kept_token_mask(q, bk, clamped, tmax, block_size=bs, topk=2, sink_blocks=1, local_blocks=1)
     assert_close(out, ref.masked_decode_attention(q, k, v, mask), tol(torch.float32, backend))
 
