@@ -36,7 +36,9 @@ local, NB) + 1, the scratch rows) depends on shapes and options only, never on l
 and no launcher reads device data: the ops are CUDA-graph safe.
 
 D (head dim), G, block_size and the tile sizes are compile-time constants: one compiled variant
-per model shape. D is padded to a power of two (>= 16) with masks.
+per model shape. D is padded to a power of two (>= 16) with masks. Each launcher runs its plan
+(plan_append_kv, ...: the launches as a pure function of metadata and the Target, see
+kernels/_utils.py).
 
 Under TRITON_INTERPRET=1 (CPU tensors) bf16 tl.dot is not supported, so bf16 operands are upcast
 to fp32 there (UPCAST_DOT); fp32 dots use input_precision="ieee" everywhere.
@@ -50,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfast.kernels._utils import INTERPRETED, num_sms
+from pyfast.kernels._utils import Launch, Target, run_plan
 
 # exp(x) == exp2(x * LOG2E): the softmax runs in base 2 with the scale folded into LOG2E.
 LOG2E = 1.4426950408889634
@@ -350,21 +352,48 @@ def _merge_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """t with stride 1 in its last dim (the kernels index only the outer dims by stride)."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _tile_t(bd: int, dtype: torch.dtype) -> int:
+def _tile_t(bd: int, dtype: torch.dtype, target: Target) -> int:
     """Tokens per attention / copy tile. GPUs: the largest tile that compiles spill-free on sm_80
     and sm_90 for G <= 32 (ptxas report of the offline compile; fp32 "ieee" dots hold twice the
     operand registers, so half the tile). Interpreter: 16 (the tl.dot minimum), where small
     tiles cost nothing and tests see more tiles."""
-    if INTERPRETED:
+    if target.interpreted:
         return MIN_DOT
     bt = 64 if bd <= 128 else 32
     return bt // 2 if dtype == torch.float32 else bt
+
+
+def plan_append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size: int, *,
+                   target: Target) -> tuple[list[Launch], None]:
+    """The launches of `append_kv` on `target` (see kernels/_utils.py)."""
+    B, Hkv, Tmax, D = k_cache.shape
+    Tn = k_new.shape[2]
+    NB = block_keys.shape[2]
+    if Tn == 0:
+        return [], None
+    k_new, v_new = _unit_last(k_new), _unit_last(v_new)
+    BD = triton.next_power_of_2(D)
+    BT = _tile_t(BD, k_cache.dtype, target)
+    n_copy = triton.cdiv(Tn, BT)
+    n_mean = min(triton.cdiv(Tn, block_size), NB)  # the most blocks one append of Tn tokens completes
+    # p on grid axis 0 (2^31 - 1 programs): a long prefill with a small block size needs many
+    # (head, batch) on axes 1 and 2 (each capped at 65535 programs; B * Hkv may exceed that).
+    return [
+        Launch(_append_kv_kernel, (n_copy + n_mean, Hkv, B), (
+            k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new,
+            Hkv, Tmax, Tn, n_copy,
+            *k_cache.stride()[:3], *v_cache.stride()[:3], *block_keys.stride()[:3],
+            *k_new.stride()[:3], *v_new.stride()[:3], cache_seqlens.stride(0),
+        ), dict(D=D, BLOCK_SIZE=block_size, BT=BT, BTM=min(BT, triton.next_power_of_2(block_size)), BD=BD)),
+        Launch(_advance_seqlens_kernel, (triton.cdiv(B, ADVANCE_BLOCK),), (
+            cache_seqlens, B, Tmax, Tn, cache_seqlens.stride(0),
+        ), dict(BB=ADVANCE_BLOCK)),
+    ], None
 
 
 def append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size: int) -> None:
@@ -375,53 +404,33 @@ def append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_s
     in the last dim (they are written in place); any other strides. No host sync: a sequence with
     L_b < 0 or L_b + Tn > Tmax (the op's rules reject those in eager mode) is left untouched.
     """
-    B, Hkv, Tmax, D = k_cache.shape
-    Tn = k_new.shape[2]
-    NB = block_keys.shape[2]
-    if Tn == 0:
-        return
-    k_new, v_new = _unit_last(k_new), _unit_last(v_new)
-    BD = triton.next_power_of_2(D)
-    BT = _tile_t(BD, k_cache.dtype)
-    n_copy = triton.cdiv(Tn, BT)
-    n_mean = min(triton.cdiv(Tn, block_size), NB)  # the most blocks one append of Tn tokens completes
-    # p on grid axis 0 (2^31 - 1 programs): a long prefill with a small block size needs many
-    # (head, batch) on axes 1 and 2 (each capped at 65535 programs; B * Hkv may exceed that).
-    _append_kv_kernel[(n_copy + n_mean, Hkv, B)](
-        k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new,
-        Hkv, Tmax, Tn, n_copy,
-        *k_cache.stride()[:3], *v_cache.stride()[:3], *block_keys.stride()[:3],
-        *k_new.stride()[:3], *v_new.stride()[:3], cache_seqlens.stride(0),
-        D=D, BLOCK_SIZE=block_size, BT=BT, BTM=min(BT, triton.next_power_of_2(block_size)), BD=BD,
-    )
-    _advance_seqlens_kernel[(triton.cdiv(B, ADVANCE_BLOCK),)](
-        cache_seqlens, B, Tmax, Tn, cache_seqlens.stride(0), BB=ADVANCE_BLOCK,
-    )
+    run_plan(plan_append_kv, k_cache.device, k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size)
 
 
-def _dot_options(dtype: torch.dtype) -> dict:
+def _dot_options(dtype: torch.dtype, target: Target) -> dict:
     """fp32 dots in full fp32 ("ieee": decode is memory-bound, TF32 would cost accuracy for
     nothing); bf16 operands upcast in the interpreter, which has no bf16 tl.dot."""
     return dict(
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        UPCAST_DOT=INTERPRETED and dtype == torch.bfloat16,
+        UPCAST_DOT=target.interpreted and dtype == torch.bfloat16,
     )
 
 
-def _split_plan(n_programs: int, n_virt: int, bt: int, device: torch.device, num_splits: int | None):
+def _split_plan(n_programs: int, n_virt: int, bt: int, sms: int, num_splits: int | None):
     """(S, virtual tokens per split): ~2 waves of programs over the SMs, each split >= 2 tiles.
     Depends on shapes only (n_virt is Tmax or the kept-list capacity), never on lengths."""
     tiles = triton.cdiv(max(n_virt, 1), bt)
     if num_splits is None:
-        waves = triton.cdiv(2 * num_sms(device), n_programs)
+        waves = triton.cdiv(2 * sms, n_programs)
         num_splits = min(waves, triton.cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS)
     num_splits = max(1, min(int(num_splits), tiles))
     per_split = triton.cdiv(tiles, num_splits) * bt
     return triton.cdiv(tiles * bt, per_split), per_split
 
 
-def _attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_counts, block_size, num_splits):
-    """Shared launcher of the dense (block_ids None) and sparse attention. Returns [B, Hq, D]."""
+def _plan_attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_counts, block_size, num_splits,
+                    target: Target) -> tuple[list[Launch], torch.Tensor]:
+    """Shared plan of the dense (block_ids None) and sparse attention; the output is [B, Hq, D]."""
     B, Hq, D = q.shape
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -431,8 +440,8 @@ def _attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_count
     n_virt = nsel * block_size if sparse else Tmax
     BD = max(MIN_DOT, triton.next_power_of_2(D))
     BG = max(MIN_DOT, triton.next_power_of_2(G))
-    BT = _tile_t(BD, q.dtype)
-    S, per_split = _split_plan(B * Hkv, n_virt, BT, q.device, num_splits)
+    BT = _tile_t(BD, q.dtype, target)
+    S, per_split = _split_plan(B * Hkv, n_virt, BT, target.sms, num_splits)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
@@ -444,19 +453,23 @@ def _attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_count
         part_m = part_l = part_acc = out  # unused
     if not sparse:
         block_ids = block_counts = cache_seqlens  # unused
-    _attention_kernel[(B * Hkv, S)](
+    launches = [Launch(_attention_kernel, (B * Hkv, S), (
         q, k_cache, v_cache, cache_seqlens, block_ids, block_counts, out, part_m, part_l, part_acc,
         scale * LOG2E, Hkv, Tmax, nsel, per_split,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:2], cache_seqlens.stride(0),
-        D=D, G=G, SPARSE=sparse, BLOCK_SIZE=block_size if sparse else 1, NUM_SPLITS=S,
-        BG=BG, BT=BT, BD=BD, **_dot_options(q.dtype), num_warps=4,
-    )
+    ), dict(D=D, G=G, SPARSE=sparse, BLOCK_SIZE=block_size if sparse else 1, NUM_SPLITS=S,
+            BG=BG, BT=BT, BD=BD, **_dot_options(q.dtype, target), num_warps=4))]
     if S > 1:
-        _merge_kernel[(B * Hq,)](
+        launches.append(Launch(_merge_kernel, (B * Hq,), (
             part_m, part_l, part_acc, out, Hq, *out.stride()[:2],
-            D=D, G=G, NUM_SPLITS=S, BS=triton.next_power_of_2(S), BD=triton.next_power_of_2(D), num_warps=4,
-        )
-    return out
+        ), dict(D=D, G=G, NUM_SPLITS=S, BS=triton.next_power_of_2(S), BD=triton.next_power_of_2(D), num_warps=4)))
+    return launches, out
+
+
+def plan_decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, *, target: Target,
+                          num_splits: int | None = None) -> tuple[list[Launch], torch.Tensor]:
+    """The launches of `decode_attention` on `target` and its output (see kernels/_utils.py)."""
+    return _plan_attention(q, k_cache, v_cache, cache_seqlens, scale, None, None, 1, num_splits, target)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, *, num_splits: int | None = None) -> torch.Tensor:
@@ -471,19 +484,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, *, num_spli
         >>> q = torch.randn(2, 8, 64, device="cuda"); n = torch.tensor([100, 37], dtype=torch.int32, device="cuda")
         >>> out = decode_attention(q, k, v, n)  # [2, 8, 64]
     """
-    return _attention(q, k_cache, v_cache, cache_seqlens, scale, None, None, 1, num_splits)
+    return run_plan(plan_decode_attention, q.device, q, k_cache, v_cache, cache_seqlens, scale,
+                    num_splits=num_splits)
 
 
-def select_blocks(q, block_keys, cache_seqlens, tmax: int, block_size: int, topk: int, sink_blocks: int,
-                  local_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept blocks of every (b, KV head): (block_ids int32 [B, Hkv, NSEL], counts int32 [B, Hkv]).
-
-    block_ids[b, h, :counts[b, h]] lists the kept blocks in ascending order (sinks, chosen
-    candidates, local blocks, then the partial tail block L_b // block_size when L_b is not a
-    multiple of block_size); entries past the count are unspecified. NSEL = min(sink_blocks +
-    topk + local_blocks, NB) + 1 with NB = tmax // block_size. Selection rule:
-    pyfast.reference.sparse.kept_token_mask.
-    """
+def plan_select_blocks(q, block_keys, cache_seqlens, tmax: int, block_size: int, topk: int, sink_blocks: int,
+                       local_blocks: int, *, target: Target) -> tuple[list[Launch], tuple[torch.Tensor, torch.Tensor]]:
+    """The launch of `select_blocks` on `target` and its outputs (see kernels/_utils.py)."""
     B, Hq, D = q.shape
     Hkv, NB = block_keys.shape[1], block_keys.shape[2]
     G = Hq // Hkv
@@ -496,15 +503,39 @@ def select_blocks(q, block_keys, cache_seqlens, tmax: int, block_size: int, topk
     block_counts = torch.empty((B, Hkv), dtype=torch.int32, device=q.device)
     scores = torch.empty((B * Hkv, max(NB, 1)), dtype=torch.int32, device=q.device)
     BD = triton.next_power_of_2(D)
-    BJ = MIN_DOT if INTERPRETED else max(1, min(64, 8192 // BD))
-    BN = MIN_DOT if INTERPRETED else 1024
-    _select_blocks_kernel[(B * Hkv,)](
+    BJ = MIN_DOT if target.interpreted else max(1, min(64, 8192 // BD))
+    BN = MIN_DOT if target.interpreted else 1024
+    return [Launch(_select_blocks_kernel, (B * Hkv,), (
         q, block_keys, cache_seqlens, scores, block_ids, block_counts,
         Hkv, tmax, NB, nsel, topk, sink_blocks, local_blocks,
         *q.stride()[:2], *block_keys.stride()[:3], cache_seqlens.stride(0),
-        D=D, G=G, BLOCK_SIZE=block_size, BG=triton.next_power_of_2(G), BD=BD, BJ=BJ, BN=BN, num_warps=4,
-    )
-    return block_ids, block_counts
+    ), dict(D=D, G=G, BLOCK_SIZE=block_size, BG=triton.next_power_of_2(G), BD=BD, BJ=BJ, BN=BN, num_warps=4))], \
+        (block_ids, block_counts)
+
+
+def select_blocks(q, block_keys, cache_seqlens, tmax: int, block_size: int, topk: int, sink_blocks: int,
+                  local_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept blocks of every (b, KV head): (block_ids int32 [B, Hkv, NSEL], counts int32 [B, Hkv]).
+
+    block_ids[b, h, :counts[b, h]] lists the kept blocks in ascending order (sinks, chosen
+    candidates, local blocks, then the partial tail block L_b // block_size when L_b is not a
+    multiple of block_size); entries past the count are unspecified. NSEL = min(sink_blocks +
+    topk + local_blocks, NB) + 1 with NB = tmax // block_size. Selection rule:
+    pyfast.reference.sparse.kept_token_mask.
+    """
+    return run_plan(plan_select_blocks, q.device, q, block_keys, cache_seqlens, tmax, block_size, topk,
+                    sink_blocks, local_blocks)
+
+
+def plan_sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, block_size: int, topk: int,
+                                 sink_blocks: int, local_blocks: int, scale=None, *, target: Target,
+                                 num_splits: int | None = None) -> tuple[list[Launch], torch.Tensor]:
+    """The launches of `sparse_decode_attention` on `target` (selection, then attention) and its output."""
+    select, (block_ids, block_counts) = plan_select_blocks(q, block_keys, cache_seqlens, k_cache.shape[2], block_size,
+                                                           topk, sink_blocks, local_blocks, target=target)
+    attend, out = _plan_attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_counts, block_size,
+                                  num_splits, target)
+    return select + attend, out
 
 
 def sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, block_size: int, topk: int,
@@ -520,6 +551,5 @@ def sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, bloc
     Example:
         >>> out = sparse_decode_attention(q, k, v, n, block_keys, 16, 64, 1, 4)  # [B, Hq, D]
     """
-    block_ids, block_counts = select_blocks(q, block_keys, cache_seqlens, k_cache.shape[2], block_size, topk,
-                                            sink_blocks, local_blocks)
-    return _attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_counts, block_size, num_splits)
+    return run_plan(plan_sparse_decode_attention, q.device, q, k_cache, v_cache, cache_seqlens, block_keys,
+                    block_size, topk, sink_blocks, local_blocks, scale, num_splits=num_splits)
