@@ -3,8 +3,9 @@
 Every launcher is split in two: a plan `plan_<launcher>(..., target=...)` that allocates the
 outputs and returns the kernel launches (kernel, grid, arguments, constexprs and launch options)
 as a pure function of the tensors' metadata (shapes, strides, dtypes, never their data) and of the
-`Target`, and the launcher itself, which runs the plan for its tensors' device (`run_plan`). A plan
-also runs on meta tensors, with any target (docs/design.md § Kernels).
+`Target`, and the launcher itself, which runs the plan for its tensors' device (`run_plan`).
+bench/triton_aot.py calls the same plans on meta tensors with a GPU target to compile every
+configuration ahead of time for sm_80 and sm_90 (docs/design.md § Kernels).
 """
 
 from __future__ import annotations
@@ -63,9 +64,16 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
+# Called as RECORD(plan, args, kwargs) before each launcher runs its plan, when set (bench/triton_aot.py
+# records the launcher calls of a test run this way, to plan them again for a GPU target).
+RECORD: Callable | None = None
+
+
 def run_plan(plan: Callable, device: torch.device, *args, **kwargs):
     """Launch what plan(*args, target=Target.of(device), **kwargs) returns ((launches, result)) and
     return the result."""
+    if RECORD is not None:
+        RECORD(plan, args, kwargs)
     launches, result = plan(*args, target=Target.of(device), **kwargs)
     for launch in launches:
         launch()
