@@ -38,7 +38,8 @@ and no launcher reads device data: the ops are CUDA-graph safe.
 D (head dim), G, block_size and the tile sizes are compile-time constants: one compiled variant
 per model shape. D is padded to a power of two (>= 16) with masks. Each launcher runs its plan
 (plan_append_kv, ...: the launches as a pure function of metadata and the Target, see
-kernels/_utils.py).
+kernels/_utils.py), which bench/triton_aot.py also compiles for sm_80 and sm_90; the tile sizes
+(`_tile_t`, `_copy_tile_t`, `_attention_warps`) are chosen spill-free from its report.
 
 Under TRITON_INTERPRET=1 (CPU tensors) bf16 tl.dot is not supported, so bf16 operands are upcast
 to fp32 there (UPCAST_DOT); fp32 dots use input_precision="ieee" everywhere.
@@ -357,15 +358,47 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _tile_t(bd: int, dtype: torch.dtype, target: Target) -> int:
-    """Tokens per attention / copy tile. GPUs: the largest tile that compiles spill-free on sm_80
-    and sm_90 for G <= 32 (ptxas report of the offline compile; fp32 "ieee" dots hold twice the
-    operand registers, so half the tile). Interpreter: 16 (the tl.dot minimum), where small
-    tiles cost nothing and tests see more tiles."""
+def _vector_rows(D: int, *tensors: torch.Tensor) -> bool:
+    """True when the JIT can load whole rows of `tensors` ([B, H, T, D], unit last stride) 16 bytes
+    at a time: D, the outer strides (in elements) and the base addresses all multiples of 16, as
+    Triton's specialisation of ints and pointers sees them. Otherwise every element of a tile is
+    addressed and loaded on its own, which takes registers (see `_tile_t`)."""
+    return D % 16 == 0 and all(s % 16 == 0 for t in tensors for s in t.stride()[:3]) and \
+        all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _tile_t(bd: int, dtype: torch.dtype, vector_rows: bool, target: Target) -> int:
+    """Tokens per attention tile.
+
+    GPUs: 64 up to BD = 128, 32 above, halved for float32 ("ieee" dots hold twice the operand
+    registers), and halved again for a tile of more than 4096 elements whose rows cannot be loaded
+    as 16-byte vectors (`_vector_rows`; e.g. D = 72). Measured by bench/triton_aot.py (Triton 3.9,
+    ptxas of sm_80 and sm_90; bench/results/triton_aot.md): every tested and benchmarked
+    configuration compiles spill-free. With vector rows a 16-bit [64, 128] tile takes 78-103
+    registers (the benchmark, G = 4); without, it took all 255 and spilled 50-190 bytes per
+    thread (16-bit, D = 66..78), while [32, 128] takes at most 217; unvectorized tiles of up to
+    4096 elements take up to 254 spill-free (float32 [32, 64] on sm_90). Beyond the tests, dense
+    decode up to D = 512 is spill-free for G <= 32 (with `_attention_warps`). Interpreter: 16 (the
+    tl.dot minimum), where small tiles cost nothing and tests see more tiles."""
     if target.interpreted:
         return MIN_DOT
     bt = 64 if bd <= 128 else 32
-    return bt // 2 if dtype == torch.float32 else bt
+    if dtype == torch.float32:
+        bt //= 2
+    if not vector_rows and bt * bd > 4096:
+        bt //= 2
+    return max(bt, MIN_DOT)
+
+
+def _copy_tile_t(bd: int, dtype: torch.dtype, vector_rows: bool, target: Target) -> int:
+    """Tokens per append_kv copy tile (and at most per block-mean step): as an attention tile where
+    rows load as 16-byte vectors; otherwise at most 1024 elements (8 per thread), each addressed on
+    its own: [32, 64] tiles took 64 registers and spilled 8 bytes on sm_90 (D = 40, every dtype),
+    [16, 64] take 40 spill-free (bench/triton_aot.py, Triton 3.9)."""
+    bt = _tile_t(bd, dtype, True, target)
+    if target.interpreted or vector_rows:
+        return bt
+    return min(bt, max(1, 1024 // bd))
 
 
 def plan_append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size: int, *,
@@ -378,7 +411,7 @@ def plan_append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, bl
         return [], None
     k_new, v_new = _unit_last(k_new), _unit_last(v_new)
     BD = triton.next_power_of_2(D)
-    BT = _tile_t(BD, k_cache.dtype, target)
+    BT = _copy_tile_t(BD, k_cache.dtype, _vector_rows(D, k_cache, v_cache, k_new, v_new), target)
     n_copy = triton.cdiv(Tn, BT)
     n_mean = min(triton.cdiv(Tn, block_size), NB)  # the most blocks one append of Tn tokens completes
     # p on grid axis 0 (2^31 - 1 programs): a long prefill with a small block size needs many
@@ -405,6 +438,16 @@ def append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_s
     L_b < 0 or L_b + Tn > Tmax (the op's rules reject those in eager mode) is left untouched.
     """
     run_plan(plan_append_kv, k_cache.device, k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size)
+
+
+def _attention_warps(bg: int) -> int:
+    """Warps of an attention program: 4, or 8 from 32 padded query rows (G > 16), where 4 warps
+    hold too much of the [BG, BD] accumulator and q tile per thread. Measured beyond the tests'
+    shapes (bench/triton_aot.py's compile, Triton 3.9, dense decode): at G = 32, 4 warps spilled
+    for D = 512 (16-bit, ~100 bytes) and D >= 256 (float32, ~1.5 KB), 8 warps compile spill-free
+    up to D = 512; G = 64 is spill-free with 8 warps up to D = 256 and spills at D = 512, G = 128
+    spills from D = 128 (registers are capped at 128 with 16 warps)."""
+    return 4 if bg <= MIN_DOT else 8
 
 
 def _dot_options(dtype: torch.dtype, target: Target) -> dict:
@@ -440,7 +483,7 @@ def _plan_attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_
     n_virt = nsel * block_size if sparse else Tmax
     BD = max(MIN_DOT, triton.next_power_of_2(D))
     BG = max(MIN_DOT, triton.next_power_of_2(G))
-    BT = _tile_t(BD, q.dtype, target)
+    BT = _tile_t(BD, q.dtype, _vector_rows(D, k_cache, v_cache), target)
     S, per_split = _split_plan(B * Hkv, n_virt, BT, target.sms, num_splits)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
@@ -458,7 +501,7 @@ def _plan_attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_
         scale * LOG2E, Hkv, Tmax, nsel, per_split,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:2], cache_seqlens.stride(0),
     ), dict(D=D, G=G, SPARSE=sparse, BLOCK_SIZE=block_size if sparse else 1, NUM_SPLITS=S,
-            BG=BG, BT=BT, BD=BD, **_dot_options(q.dtype, target), num_warps=4))]
+            BG=BG, BT=BT, BD=BD, **_dot_options(q.dtype, target), num_warps=_attention_warps(BG)))]
     if S > 1:
         launches.append(Launch(_merge_kernel, (B * Hq,), (
             part_m, part_l, part_acc, out, Hq, *out.stride()[:2],
