@@ -28,8 +28,10 @@ A program only adds the cherries whose column lies in the K range it owns, so in
 Launchers (x2d [M, K] with x2d.stride(1) == 1, any row stride; quantized tensors contiguous):
     cherryq_gemv_triton, cherryq_gemm_triton, cherryq_matmul_triton (picks by M).
 They allocate the output (torch.empty, x's dtype) and check nothing: torch.ops.pyfast.cherryq_matmul
-runs the op's rules (pyfast/cherryq/ops.py) before calling them. K (in_features), bits, group size
-and block sizes are compile-time constants: one compiled variant per layer shape.
+runs the op's rules (pyfast/cherryq/ops.py) before calling them. Each runs its plan
+(plan_cherryq_gemv, ...: the launches as a pure function of metadata and the Target, see
+kernels/_utils.py), which bench/triton_aot.py also compiles for sm_80 and sm_90. K (in_features),
+bits, group size and block sizes are compile-time constants: one compiled variant per layer shape.
 
 Under TRITON_INTERPRET=1 (CPU tensors) two interpreter gaps show: bf16 tl.dot is not supported
 (the GEMM upcasts its operands to fp32 there, UPCAST_DOT), and fp32 -> bf16 casts truncate
@@ -43,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfast.kernels._utils import INTERPRETED, num_sms
+from pyfast.kernels._utils import Launch, Target, run_plan
 
 from pyfast.cherryq.format import PACK
 
@@ -268,10 +270,46 @@ def _prepare(x2d, bias, qweight, scales, cherry_idx, group_size):
     return x2d, bias, x2d.shape[0], qweight.shape[0], scales.shape[1] * group_size, cherry_idx.shape[1]
 
 
-def _gemv_split_k(N: int, K: int, group_size: int, device: torch.device) -> int:
+def _gemv_split_k(N: int, K: int, group_size: int, sms: int) -> int:
     """Enough (N tile, K split) programs for ~2 waves over the SMs, each split >= 1 group."""
     n_tiles = triton.cdiv(N, GEMV_BLOCK_N)
-    return max(1, min(K // group_size, triton.cdiv(2 * num_sms(device), n_tiles), 32))
+    return max(1, min(K // group_size, triton.cdiv(2 * sms, n_tiles), 32))
+
+
+def plan_cherryq_gemv(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size, *,
+                      target: Target, split_k: int | None = None) -> tuple[list[Launch], torch.Tensor]:
+    """The launches of `cherryq_gemv_triton` on `target` and its output y (see kernels/_utils.py)."""
+    x2d, bias, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if M == 0 or N == 0:
+        return [], y
+    G = K // group_size
+    if split_k is None:
+        split_k = _gemv_split_k(N, K, group_size, target.sms)
+    split_k = max(1, min(int(split_k), G))
+    groups_per_split = triton.cdiv(G, split_k)
+    split_k = triton.cdiv(G, groups_per_split)  # no empty split
+    BN = GEMV_BLOCK_N
+    launches = []
+    # One program covers all rows of its chunk: at most GEMV_MAX_M rows per launch keeps the
+    # [BM, BN, BK] tile small; each chunk writes its rows of y in place.
+    for m0 in range(0, M, GEMV_MAX_M):
+        xm, ym = x2d[m0:m0 + GEMV_MAX_M], y[m0:m0 + GEMV_MAX_M]
+        Mc = xm.shape[0]
+        BM = triton.next_power_of_2(Mc)
+        # The [BM, BN, BK] product lives in registers: shrink BK as BM grows (BK divides group_size).
+        BK = min(group_size, max(PACK, 128 // BM))
+        out = ym if split_k == 1 else torch.empty((split_k, Mc, N), dtype=torch.float32, device=x2d.device)
+        launches.append(Launch(_cherryq_gemv_kernel, (triton.cdiv(N, BN), split_k), (
+            xm, qweight, scales, zeros, cherry_idx, cherry_val, bias, out,
+            Mc, N, C, xm.stride(0), ym.stride(0) if split_k == 1 else N, groups_per_split,
+        ), dict(K=K, BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
+                SPLIT_K=split_k, BM=BM, BN=BN, BK=BK, num_warps=4)))
+        if split_k > 1:
+            launches.append(Launch(_cherryq_splitk_reduce_kernel, (triton.cdiv(N, REDUCE_BLOCK_N),), (
+                out, bias, ym, Mc, N, ym.stride(0),
+            ), dict(SPLIT_K=split_k, HAS_BIAS=bias is not None, BM=BM, BN=REDUCE_BLOCK_N, num_warps=4)))
+    return launches, y
 
 
 def cherryq_gemv_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size,
@@ -285,46 +323,17 @@ def cherryq_gemv_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bia
     Deterministic: with split_k > 1 the fp32 partials go through a workspace and are summed in
     a fixed order by a second small kernel.
     """
-    x2d, bias, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
-    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    if M == 0 or N == 0:
-        return y
-    if M > GEMV_MAX_M:  # one program covers all rows: keep the [BM, BN, BK] tile small
-        for m0 in range(0, M, GEMV_MAX_M):
-            y[m0:m0 + GEMV_MAX_M] = cherryq_gemv_triton(x2d[m0:m0 + GEMV_MAX_M], qweight, scales, zeros, cherry_idx,
-                                                        cherry_val, bias, bits, group_size, split_k=split_k)
-        return y
-    G = K // group_size
-    if split_k is None:
-        split_k = _gemv_split_k(N, K, group_size, x2d.device)
-    split_k = max(1, min(int(split_k), G))
-    groups_per_split = triton.cdiv(G, split_k)
-    split_k = triton.cdiv(G, groups_per_split)  # no empty split
-    BM = triton.next_power_of_2(M)
-    BN = GEMV_BLOCK_N
-    # The [BM, BN, BK] product lives in registers: shrink BK as BM grows (BK divides group_size).
-    BK = min(group_size, max(PACK, 128 // BM))
-    out = y if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x2d.device)
-    grid = (triton.cdiv(N, BN), split_k)
-    _cherryq_gemv_kernel[grid](
-        x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, out,
-        M, N, C, x2d.stride(0), out.stride(0) if split_k == 1 else N, groups_per_split,
-        K=K, BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
-        SPLIT_K=split_k, BM=BM, BN=BN, BK=BK, num_warps=4,
-    )
-    if split_k > 1:
-        _cherryq_splitk_reduce_kernel[(triton.cdiv(N, REDUCE_BLOCK_N),)](
-            out, bias, y, M, N, y.stride(0),
-            SPLIT_K=split_k, HAS_BIAS=bias is not None, BM=BM, BN=REDUCE_BLOCK_N, num_warps=4,
-        )
-    return y
+    return run_plan(plan_cherryq_gemv, x2d.device, x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias,
+                    bits, group_size, split_k=split_k)
 
 
 def _gemm_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BM, BN, BK, num_warps) by M and x's dtype (BK is further capped at group_size).
 
-    Chosen spill-free on sm_80 and sm_90 (ptxas register/stack report of the offline compile) for
-    bits 2/3/4; float32 (3xTF32, twice the operand bytes) needs a shorter BK beyond M = 16.
+    Chosen spill-free on sm_80 and sm_90 for bits 2/3/4; float32 (3xTF32, twice the operand
+    bytes) needs a shorter BK beyond M = 16. Measured by bench/triton_aot.py (Triton 3.9,
+    bench/results/triton_aot.md): spill-free in every tested and benchmarked configuration, at most
+    190 registers with 16-bit x and 254 with float32 x (BM = 32, sm_80).
     """
     half = dtype != torch.float32
     if M <= 16:
@@ -332,6 +341,24 @@ def _gemm_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     if M <= 32:
         return (32, 64, 64, 4) if half else (32, 128, 32, 4)
     return (64, 128, 64, 8) if half else (64, 128, 32, 8)
+
+
+def plan_cherryq_gemm(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size, *,
+                      target: Target, block_m: int | None = None) -> tuple[list[Launch], torch.Tensor]:
+    """The launch of `cherryq_gemm_triton` on `target` and its output y (see kernels/_utils.py)."""
+    x2d, bias, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if M == 0 or N == 0:
+        return [], y
+    BM, BN, BK, num_warps = _gemm_config(M if block_m is None else block_m, x2d.dtype)
+    BK = min(BK, group_size)
+    return [Launch(_cherryq_gemm_kernel, (triton.cdiv(M, BM), triton.cdiv(N, BN)), (
+        x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, y,
+        M, N, C, x2d.stride(0), y.stride(0),
+    ), dict(K=K, BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
+            DOT_PRECISION="tf32x3" if x2d.dtype == torch.float32 else "tf32",
+            UPCAST_DOT=target.interpreted and x2d.dtype == torch.bfloat16,
+            BM=BM, BN=BN, BK=BK, num_warps=num_warps, num_stages=GEMM_NUM_STAGES))], y
 
 
 def cherryq_gemm_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size,
@@ -343,22 +370,15 @@ def cherryq_gemm_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bia
     x: 3xTF32). block_m picks the tile config as if M were block_m (tests: force one M tile
     size). Returns y [M, N] in x2d's dtype.
     """
-    x2d, bias, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
-    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    if M == 0 or N == 0:
-        return y
-    BM, BN, BK, num_warps = _gemm_config(M if block_m is None else block_m, x2d.dtype)
-    BK = min(BK, group_size)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _cherryq_gemm_kernel[grid](
-        x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, y,
-        M, N, C, x2d.stride(0), y.stride(0),
-        K=K, BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
-        DOT_PRECISION="tf32x3" if x2d.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=INTERPRETED and x2d.dtype == torch.bfloat16,
-        BM=BM, BN=BN, BK=BK, num_warps=num_warps, num_stages=GEMM_NUM_STAGES,
-    )
-    return y
+    return run_plan(plan_cherryq_gemm, x2d.device, x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias,
+                    bits, group_size, block_m=block_m)
+
+
+def plan_cherryq_matmul(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size, *,
+                        target: Target) -> tuple[list[Launch], torch.Tensor]:
+    """The plan of `cherryq_matmul_triton`: the GEMV's up to GEMV_MAX_M rows of x, the GEMM's above."""
+    plan = plan_cherryq_gemv if x2d.shape[0] <= GEMV_MAX_M else plan_cherryq_gemm
+    return plan(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size, target=target)
 
 
 def cherryq_matmul_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size) -> torch.Tensor:
@@ -369,5 +389,5 @@ def cherryq_matmul_triton(x2d, qweight, scales, zeros, cherry_idx, cherry_val, b
         >>> x = torch.randn(3, 512, device="cuda", dtype=torch.float16)
         >>> y = cherryq_matmul_triton(x, *qw.tensors(), None, qw.bits, qw.group_size)  # [3, 256] fp16
     """
-    fn = cherryq_gemv_triton if x2d.shape[0] <= GEMV_MAX_M else cherryq_gemm_triton
-    return fn(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size)
+    return run_plan(plan_cherryq_matmul, x2d.device, x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias,
+                    bits, group_size)

@@ -36,7 +36,10 @@ local, NB) + 1, the scratch rows) depends on shapes and options only, never on l
 and no launcher reads device data: the ops are CUDA-graph safe.
 
 D (head dim), G, block_size and the tile sizes are compile-time constants: one compiled variant
-per model shape. D is padded to a power of two (>= 16) with masks.
+per model shape. D is padded to a power of two (>= 16) with masks. Each launcher runs its plan
+(plan_append_kv, ...: the launches as a pure function of metadata and the Target, see
+kernels/_utils.py), which bench/triton_aot.py also compiles for sm_80 and sm_90; the tile sizes
+(`_tile_t`, `_copy_tile_t`, `_attention_warps`) are chosen spill-free from its report.
 
 Under TRITON_INTERPRET=1 (CPU tensors) bf16 tl.dot is not supported, so bf16 operands are upcast
 to fp32 there (UPCAST_DOT); fp32 dots use input_precision="ieee" everywhere.
@@ -50,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfast.kernels._utils import INTERPRETED, num_sms
+from pyfast.kernels._utils import Launch, Target, run_plan
 
 # exp(x) == exp2(x * LOG2E): the softmax runs in base 2 with the scale folded into LOG2E.
 LOG2E = 1.4426950408889634
@@ -350,21 +353,80 @@ def _merge_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """t with stride 1 in its last dim (the kernels index only the outer dims by stride)."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _tile_t(bd: int, dtype: torch.dtype) -> int:
-    """Tokens per attention / copy tile. GPUs: the largest tile that compiles spill-free on sm_80
-    and sm_90 for G <= 32 (ptxas report of the offline compile; fp32 "ieee" dots hold twice the
-    operand registers, so half the tile). Interpreter: 16 (the tl.dot minimum), where small
-    tiles cost nothing and tests see more tiles."""
-    if INTERPRETED:
+def _vector_rows(D: int, *tensors: torch.Tensor) -> bool:
+    """True when the JIT can load whole rows of `tensors` ([B, H, T, D], unit last stride) 16 bytes
+    at a time: D, the outer strides (in elements) and the base addresses all multiples of 16, as
+    Triton's specialisation of ints and pointers sees them. Otherwise every element of a tile is
+    addressed and loaded on its own, which takes registers (see `_tile_t`)."""
+    return D % 16 == 0 and all(s % 16 == 0 for t in tensors for s in t.stride()[:3]) and \
+        all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _tile_t(bd: int, dtype: torch.dtype, vector_rows: bool, target: Target) -> int:
+    """Tokens per attention tile.
+
+    GPUs: 64 up to BD = 128, 32 above, halved for float32 ("ieee" dots hold twice the operand
+    registers), and halved again for a tile of more than 4096 elements whose rows cannot be loaded
+    as 16-byte vectors (`_vector_rows`; e.g. D = 72). Measured by bench/triton_aot.py (Triton 3.9,
+    ptxas of sm_80 and sm_90; bench/results/triton_aot.md): every tested and benchmarked
+    configuration compiles spill-free. With vector rows a 16-bit [64, 128] tile takes 78-103
+    registers (the benchmark, G = 4); without, it took all 255 and spilled 50-190 bytes per
+    thread (16-bit, D = 66..78), while [32, 128] takes at most 217; unvectorized tiles of up to
+    4096 elements take up to 254 spill-free (float32 [32, 64] on sm_90). Beyond the tests, dense
+    decode up to D = 512 is spill-free for G <= 32 (with `_attention_warps`). Interpreter: 16 (the
+    tl.dot minimum), where small tiles cost nothing and tests see more tiles."""
+    if target.interpreted:
         return MIN_DOT
     bt = 64 if bd <= 128 else 32
-    return bt // 2 if dtype == torch.float32 else bt
+    if dtype == torch.float32:
+        bt //= 2
+    if not vector_rows and bt * bd > 4096:
+        bt //= 2
+    return max(bt, MIN_DOT)
+
+
+def _copy_tile_t(bd: int, dtype: torch.dtype, vector_rows: bool, target: Target) -> int:
+    """Tokens per append_kv copy tile (and at most per block-mean step): as an attention tile where
+    rows load as 16-byte vectors; otherwise at most 1024 elements (8 per thread), each addressed on
+    its own: [32, 64] tiles took 64 registers and spilled 8 bytes on sm_90 (D = 40, every dtype),
+    [16, 64] take 40 spill-free (bench/triton_aot.py, Triton 3.9)."""
+    bt = _tile_t(bd, dtype, True, target)
+    if target.interpreted or vector_rows:
+        return bt
+    return min(bt, max(1, 1024 // bd))
+
+
+def plan_append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size: int, *,
+                   target: Target) -> tuple[list[Launch], None]:
+    """The launches of `append_kv` on `target` (see kernels/_utils.py)."""
+    B, Hkv, Tmax, D = k_cache.shape
+    Tn = k_new.shape[2]
+    NB = block_keys.shape[2]
+    if Tn == 0:
+        return [], None
+    k_new, v_new = _unit_last(k_new), _unit_last(v_new)
+    BD = triton.next_power_of_2(D)
+    BT = _copy_tile_t(BD, k_cache.dtype, _vector_rows(D, k_cache, v_cache, k_new, v_new), target)
+    n_copy = triton.cdiv(Tn, BT)
+    n_mean = min(triton.cdiv(Tn, block_size), NB)  # the most blocks one append of Tn tokens completes
+    # p on grid axis 0 (2^31 - 1 programs): a long prefill with a small block size needs many
+    # (head, batch) on axes 1 and 2 (each capped at 65535 programs; B * Hkv may exceed that).
+    return [
+        Launch(_append_kv_kernel, (n_copy + n_mean, Hkv, B), (
+            k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new,
+            Hkv, Tmax, Tn, n_copy,
+            *k_cache.stride()[:3], *v_cache.stride()[:3], *block_keys.stride()[:3],
+            *k_new.stride()[:3], *v_new.stride()[:3], cache_seqlens.stride(0),
+        ), dict(D=D, BLOCK_SIZE=block_size, BT=BT, BTM=min(BT, triton.next_power_of_2(block_size)), BD=BD)),
+        Launch(_advance_seqlens_kernel, (triton.cdiv(B, ADVANCE_BLOCK),), (
+            cache_seqlens, B, Tmax, Tn, cache_seqlens.stride(0),
+        ), dict(BB=ADVANCE_BLOCK)),
+    ], None
 
 
 def append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size: int) -> None:
@@ -375,53 +437,43 @@ def append_kv(k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_s
     in the last dim (they are written in place); any other strides. No host sync: a sequence with
     L_b < 0 or L_b + Tn > Tmax (the op's rules reject those in eager mode) is left untouched.
     """
-    B, Hkv, Tmax, D = k_cache.shape
-    Tn = k_new.shape[2]
-    NB = block_keys.shape[2]
-    if Tn == 0:
-        return
-    k_new, v_new = _unit_last(k_new), _unit_last(v_new)
-    BD = triton.next_power_of_2(D)
-    BT = _tile_t(BD, k_cache.dtype)
-    n_copy = triton.cdiv(Tn, BT)
-    n_mean = min(triton.cdiv(Tn, block_size), NB)  # the most blocks one append of Tn tokens completes
-    # p on grid axis 0 (2^31 - 1 programs): a long prefill with a small block size needs many
-    # (head, batch) on axes 1 and 2 (each capped at 65535 programs; B * Hkv may exceed that).
-    _append_kv_kernel[(n_copy + n_mean, Hkv, B)](
-        k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new,
-        Hkv, Tmax, Tn, n_copy,
-        *k_cache.stride()[:3], *v_cache.stride()[:3], *block_keys.stride()[:3],
-        *k_new.stride()[:3], *v_new.stride()[:3], cache_seqlens.stride(0),
-        D=D, BLOCK_SIZE=block_size, BT=BT, BTM=min(BT, triton.next_power_of_2(block_size)), BD=BD,
-    )
-    _advance_seqlens_kernel[(triton.cdiv(B, ADVANCE_BLOCK),)](
-        cache_seqlens, B, Tmax, Tn, cache_seqlens.stride(0), BB=ADVANCE_BLOCK,
-    )
+    run_plan(plan_append_kv, k_cache.device, k_cache, v_cache, block_keys, cache_seqlens, k_new, v_new, block_size)
 
 
-def _dot_options(dtype: torch.dtype) -> dict:
+def _attention_warps(bg: int) -> int:
+    """Warps of an attention program: 4, or 8 from 32 padded query rows (G > 16), where 4 warps
+    hold too much of the [BG, BD] accumulator and q tile per thread. Measured beyond the tests'
+    shapes (bench/triton_aot.py's compile, Triton 3.9, dense decode): at G = 32, 4 warps spilled
+    for D = 512 (16-bit, ~100 bytes) and D >= 256 (float32, ~1.5 KB), 8 warps compile spill-free
+    up to D = 512; G = 64 is spill-free with 8 warps up to D = 256 and spills at D = 512, G = 128
+    spills from D = 128 (registers are capped at 128 with 16 warps)."""
+    return 4 if bg <= MIN_DOT else 8
+
+
+def _dot_options(dtype: torch.dtype, target: Target) -> dict:
     """fp32 dots in full fp32 ("ieee": decode is memory-bound, TF32 would cost accuracy for
     nothing); bf16 operands upcast in the interpreter, which has no bf16 tl.dot."""
     return dict(
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        UPCAST_DOT=INTERPRETED and dtype == torch.bfloat16,
+        UPCAST_DOT=target.interpreted and dtype == torch.bfloat16,
     )
 
 
-def _split_plan(n_programs: int, n_virt: int, bt: int, device: torch.device, num_splits: int | None):
+def _split_plan(n_programs: int, n_virt: int, bt: int, sms: int, num_splits: int | None):
     """(S, virtual tokens per split): ~2 waves of programs over the SMs, each split >= 2 tiles.
     Depends on shapes only (n_virt is Tmax or the kept-list capacity), never on lengths."""
     tiles = triton.cdiv(max(n_virt, 1), bt)
     if num_splits is None:
-        waves = triton.cdiv(2 * num_sms(device), n_programs)
+        waves = triton.cdiv(2 * sms, n_programs)
         num_splits = min(waves, triton.cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS)
     num_splits = max(1, min(int(num_splits), tiles))
     per_split = triton.cdiv(tiles, num_splits) * bt
     return triton.cdiv(tiles * bt, per_split), per_split
 
 
-def _attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_counts, block_size, num_splits):
-    """Shared launcher of the dense (block_ids None) and sparse attention. Returns [B, Hq, D]."""
+def _plan_attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_counts, block_size, num_splits,
+                    target: Target) -> tuple[list[Launch], torch.Tensor]:
+    """Shared plan of the dense (block_ids None) and sparse attention; the output is [B, Hq, D]."""
     B, Hq, D = q.shape
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -431,8 +483,8 @@ def _attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_count
     n_virt = nsel * block_size if sparse else Tmax
     BD = max(MIN_DOT, triton.next_power_of_2(D))
     BG = max(MIN_DOT, triton.next_power_of_2(G))
-    BT = _tile_t(BD, q.dtype)
-    S, per_split = _split_plan(B * Hkv, n_virt, BT, q.device, num_splits)
+    BT = _tile_t(BD, q.dtype, _vector_rows(D, k_cache, v_cache), target)
+    S, per_split = _split_plan(B * Hkv, n_virt, BT, target.sms, num_splits)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
@@ -444,19 +496,23 @@ def _attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_count
         part_m = part_l = part_acc = out  # unused
     if not sparse:
         block_ids = block_counts = cache_seqlens  # unused
-    _attention_kernel[(B * Hkv, S)](
+    launches = [Launch(_attention_kernel, (B * Hkv, S), (
         q, k_cache, v_cache, cache_seqlens, block_ids, block_counts, out, part_m, part_l, part_acc,
         scale * LOG2E, Hkv, Tmax, nsel, per_split,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:2], cache_seqlens.stride(0),
-        D=D, G=G, SPARSE=sparse, BLOCK_SIZE=block_size if sparse else 1, NUM_SPLITS=S,
-        BG=BG, BT=BT, BD=BD, **_dot_options(q.dtype), num_warps=4,
-    )
+    ), dict(D=D, G=G, SPARSE=sparse, BLOCK_SIZE=block_size if sparse else 1, NUM_SPLITS=S,
+            BG=BG, BT=BT, BD=BD, **_dot_options(q.dtype, target), num_warps=_attention_warps(BG)))]
     if S > 1:
-        _merge_kernel[(B * Hq,)](
+        launches.append(Launch(_merge_kernel, (B * Hq,), (
             part_m, part_l, part_acc, out, Hq, *out.stride()[:2],
-            D=D, G=G, NUM_SPLITS=S, BS=triton.next_power_of_2(S), BD=triton.next_power_of_2(D), num_warps=4,
-        )
-    return out
+        ), dict(D=D, G=G, NUM_SPLITS=S, BS=triton.next_power_of_2(S), BD=triton.next_power_of_2(D), num_warps=4)))
+    return launches, out
+
+
+def plan_decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, *, target: Target,
+                          num_splits: int | None = None) -> tuple[list[Launch], torch.Tensor]:
+    """The launches of `decode_attention` on `target` and its output (see kernels/_utils.py)."""
+    return _plan_attention(q, k_cache, v_cache, cache_seqlens, scale, None, None, 1, num_splits, target)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, *, num_splits: int | None = None) -> torch.Tensor:
@@ -471,19 +527,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, *, num_spli
         >>> q = torch.randn(2, 8, 64, device="cuda"); n = torch.tensor([100, 37], dtype=torch.int32, device="cuda")
         >>> out = decode_attention(q, k, v, n)  # [2, 8, 64]
     """
-    return _attention(q, k_cache, v_cache, cache_seqlens, scale, None, None, 1, num_splits)
+    return run_plan(plan_decode_attention, q.device, q, k_cache, v_cache, cache_seqlens, scale,
+                    num_splits=num_splits)
 
 
-def select_blocks(q, block_keys, cache_seqlens, tmax: int, block_size: int, topk: int, sink_blocks: int,
-                  local_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept blocks of every (b, KV head): (block_ids int32 [B, Hkv, NSEL], counts int32 [B, Hkv]).
-
-    block_ids[b, h, :counts[b, h]] lists the kept blocks in ascending order (sinks, chosen
-    candidates, local blocks, then the partial tail block L_b // block_size when L_b is not a
-    multiple of block_size); entries past the count are unspecified. NSEL = min(sink_blocks +
-    topk + local_blocks, NB) + 1 with NB = tmax // block_size. Selection rule:
-    pyfast.reference.sparse.kept_token_mask.
-    """
+def plan_select_blocks(q, block_keys, cache_seqlens, tmax: int, block_size: int, topk: int, sink_blocks: int,
+                       local_blocks: int, *, target: Target) -> tuple[list[Launch], tuple[torch.Tensor, torch.Tensor]]:
+    """The launch of `select_blocks` on `target` and its outputs (see kernels/_utils.py)."""
     B, Hq, D = q.shape
     Hkv, NB = block_keys.shape[1], block_keys.shape[2]
     G = Hq // Hkv
@@ -496,15 +546,39 @@ def select_blocks(q, block_keys, cache_seqlens, tmax: int, block_size: int, topk
     block_counts = torch.empty((B, Hkv), dtype=torch.int32, device=q.device)
     scores = torch.empty((B * Hkv, max(NB, 1)), dtype=torch.int32, device=q.device)
     BD = triton.next_power_of_2(D)
-    BJ = MIN_DOT if INTERPRETED else max(1, min(64, 8192 // BD))
-    BN = MIN_DOT if INTERPRETED else 1024
-    _select_blocks_kernel[(B * Hkv,)](
+    BJ = MIN_DOT if target.interpreted else max(1, min(64, 8192 // BD))
+    BN = MIN_DOT if target.interpreted else 1024
+    return [Launch(_select_blocks_kernel, (B * Hkv,), (
         q, block_keys, cache_seqlens, scores, block_ids, block_counts,
         Hkv, tmax, NB, nsel, topk, sink_blocks, local_blocks,
         *q.stride()[:2], *block_keys.stride()[:3], cache_seqlens.stride(0),
-        D=D, G=G, BLOCK_SIZE=block_size, BG=triton.next_power_of_2(G), BD=BD, BJ=BJ, BN=BN, num_warps=4,
-    )
-    return block_ids, block_counts
+    ), dict(D=D, G=G, BLOCK_SIZE=block_size, BG=triton.next_power_of_2(G), BD=BD, BJ=BJ, BN=BN, num_warps=4))], \
+        (block_ids, block_counts)
+
+
+def select_blocks(q, block_keys, cache_seqlens, tmax: int, block_size: int, topk: int, sink_blocks: int,
+                  local_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept blocks of every (b, KV head): (block_ids int32 [B, Hkv, NSEL], counts int32 [B, Hkv]).
+
+    block_ids[b, h, :counts[b, h]] lists the kept blocks in ascending order (sinks, chosen
+    candidates, local blocks, then the partial tail block L_b // block_size when L_b is not a
+    multiple of block_size); entries past the count are unspecified. NSEL = min(sink_blocks +
+    topk + local_blocks, NB) + 1 with NB = tmax // block_size. Selection rule:
+    pyfast.reference.sparse.kept_token_mask.
+    """
+    return run_plan(plan_select_blocks, q.device, q, block_keys, cache_seqlens, tmax, block_size, topk,
+                    sink_blocks, local_blocks)
+
+
+def plan_sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, block_size: int, topk: int,
+                                 sink_blocks: int, local_blocks: int, scale=None, *, target: Target,
+                                 num_splits: int | None = None) -> tuple[list[Launch], torch.Tensor]:
+    """The launches of `sparse_decode_attention` on `target` (selection, then attention) and its output."""
+    select, (block_ids, block_counts) = plan_select_blocks(q, block_keys, cache_seqlens, k_cache.shape[2], block_size,
+                                                           topk, sink_blocks, local_blocks, target=target)
+    attend, out = _plan_attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_counts, block_size,
+                                  num_splits, target)
+    return select + attend, out
 
 
 def sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, block_size: int, topk: int,
@@ -520,6 +594,5 @@ def sparse_decode_attention(q, k_cache, v_cache, cache_seqlens, block_keys, bloc
     Example:
         >>> out = sparse_decode_attention(q, k, v, n, block_keys, 16, 64, 1, 4)  # [B, Hq, D]
     """
-    block_ids, block_counts = select_blocks(q, block_keys, cache_seqlens, k_cache.shape[2], block_size, topk,
-                                            sink_blocks, local_blocks)
-    return _attention(q, k_cache, v_cache, cache_seqlens, scale, block_ids, block_counts, block_size, num_splits)
+    return run_plan(plan_sparse_decode_attention, q.device, q, k_cache, v_cache, cache_seqlens, block_keys,
+                    block_size, topk, sink_blocks, local_blocks, scale, num_splits=num_splits)

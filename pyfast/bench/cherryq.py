@@ -42,8 +42,7 @@ def _shape_cases(device: str, m: int, n: int, k: int) -> list[Case]:
     ws = [torch.randn(n, k, generator=gen) for _ in range(ROTATE)]
     qws = [pyfast.cherryq_quantize(w.to(device), bits=BITS, group_size=GROUP) for w in ws]
     x32 = torch.randn(m, k, generator=gen).to(device)
-    act = torch.float32 if device == "cpu" else torch.float16  # GPU: fp16 activations everywhere
-    x = x32.to(act)
+    x = x32.to(activation_dtype(device))
     shape = f"M={m} N={n} K={k}"
     io = m * k * x.element_size() + m * n * x.element_size()
     flops = 2 * m * n * k  # every implementation does the same multiply-adds
@@ -74,13 +73,20 @@ def _shape_cases(device: str, m: int, n: int, k: int) -> list[Case]:
     return cases
 
 
-def cases(device: str, quick: bool) -> list[Case]:
-    shapes = [(1, 4096, 4096), (8, 4096, 4096), (64, 4096, 4096)]
-    if device == "cuda":
-        shapes.append((1, 8192, 8192))
+def activation_dtype(device: str) -> torch.dtype:
+    """x's dtype for the pyfast kernels: fp32 on the CPU, fp16 activations everywhere on GPUs."""
+    return torch.float32 if device == "cpu" else torch.float16
+
+
+def shapes(device: str, quick: bool) -> list[tuple[int, int, int]]:
+    """The (M, N, K) shapes timed (bench/triton_aot.py compiles the Triton kernels for the GPU ones)."""
     if quick:
-        shapes = [(1, 1024, 1024), (16, 1024, 1024)]
+        return [(1, 1024, 1024), (16, 1024, 1024)]
+    return [(1, 4096, 4096), (8, 4096, 4096), (64, 4096, 4096)] + ([(1, 8192, 8192)] if device == "cuda" else [])
+
+
+def cases(device: str, quick: bool) -> list[Case]:
     out = []
-    for m, n, k in shapes:
+    for m, n, k in shapes(device, quick):
         out += _shape_cases(device, m, n, k)
     return out

@@ -36,7 +36,7 @@ def _caches(device: str, dtype: torch.dtype, length: int, count: int):
 
 
 def _length_cases(device: str, length: int) -> list[Case]:
-    dtype = torch.float32 if device == "cpu" else torch.float16
+    dtype = cache_dtype(device)
     esize = torch.finfo(dtype).bits // 8
     kv_bytes = 2 * B * HKV * length * D * esize
     rotate = max(1, min(8, -(-CACHE_BYTES // kv_bytes)))
@@ -66,11 +66,20 @@ def _length_cases(device: str, length: int) -> list[Case]:
     return cases
 
 
-def cases(device: str, quick: bool) -> list[Case]:
-    lengths = [4096, 32768] + ([131072] if device == "cuda" else [])
+def cache_dtype(device: str) -> torch.dtype:
+    """The dtype of q and the caches: fp32 on the CPU, fp16 on GPUs."""
+    return torch.float32 if device == "cpu" else torch.float16
+
+
+def lengths(device: str, quick: bool) -> list[int]:
+    """The context lengths timed (bench/triton_aot.py compiles the Triton kernels for the GPU ones)."""
     if quick:
-        lengths = [2048]
+        return [2048]
+    return [4096, 32768] + ([131072] if device == "cuda" else [])
+
+
+def cases(device: str, quick: bool) -> list[Case]:
     out = []
-    for length in lengths:
+    for length in lengths(device, quick):
         out += _length_cases(device, length)
     return out
