@@ -15,6 +15,7 @@ from pyfast.cherryq import (
     quantize_model,
     save_quantized,
 )
+from pyfast.hedgehog import hedgehog_attention, hedgehog_decode, hedgehog_feature_map, linear_attention
 from pyfast.sparse import append_kv, decode_attention, sparse_decode_attention
 from pyfast import sparse
 from pyfast.sparse import SparseKVCache
@@ -32,6 +33,10 @@ __all__ = [
     "finish_qat",
     "save_quantized",
     "load_quantized",
+    "hedgehog_feature_map",
+    "linear_attention",
+    "hedgehog_attention",
+    "hedgehog_decode",
     "append_kv",
     "decode_attention",
     "sparse_decode_attention",

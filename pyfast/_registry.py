@@ -367,6 +367,7 @@ def define(opdef: OpDef) -> OpDef:
             # The autograd path (grad mode on, an input requires grad): the forward ran below
             # autograd with grad mode off, so the grad rule is enforced here.
             _refuse_grad(opdef, inputs)
+            ctx.backend = keyword_only_inputs.get("backend")  # a backward op runs on the same backend
             ag.setup_context(ctx, inputs, output)
 
         def backward(ctx, *grads):
