@@ -57,7 +57,79 @@ def _args_append():
     return a | dict(k_new=torch.randn(2, 2, 20, 16), v_new=torch.randn(2, 2, 20, 16), block_size=16)
 
 
+def _args_hedgehog():
+    from hedgehog.hedgehog_cases import make_problem
+
+    p = make_problem(1, 4, 2, 20, 16, 8, 12, lengths=[7, 13], state=True)
+    s0, z0 = p.pop("initial_state")
+    return dict(q=p["q"], k=p["k"], v=p["v"], q_weight=p["q_weight"], k_weight=p["k_weight"], q_bias=p["q_bias"],
+                k_bias=p["k_bias"], causal=True, eps=1e-6, initial_S=s0, initial_z=z0, window=0, alpha=None,
+                beta=None, scale=None, cu_seqlens=p["cu_seqlens"])
+
+
+def _public_hedgehog(a, backend):
+    return pyfast.hedgehog_attention(
+        *(a[k] for k in ("q", "k", "v", "q_weight", "k_weight", "q_bias", "k_bias")),
+        causal=a["causal"], eps=a["eps"], initial_state=None if a["initial_S"] is None else (a["initial_S"], a["initial_z"]),
+        window=a["window"], alpha=a["alpha"], beta=a["beta"], scale=a["scale"], cu_seqlens=a["cu_seqlens"],
+        backend=backend)
+
+
+def _args_linear():
+    a = _args_hedgehog()
+    q, k = (pyfast.hedgehog_feature_map(a[x], a[f"{x}_weight"], a[f"{x}_bias"], backend="reference") for x in "qk")
+    return dict(q=q, k=k, v=a["v"], causal=True, eps=1e-6, initial_S=a["initial_S"], initial_z=a["initial_z"],
+                cu_seqlens=a["cu_seqlens"])
+
+
+def _public_linear(a, backend):
+    return pyfast.linear_attention(a["q"], a["k"], a["v"], causal=a["causal"], eps=a["eps"],
+                                   initial_state=None if a["initial_S"] is None else (a["initial_S"], a["initial_z"]),
+                                   cu_seqlens=a["cu_seqlens"], backend=backend)
+
+
+def _with_grads(make):
+    """A backward op's valid call: the forward's plus grad_out, grad_S, grad_z."""
+    def args():
+        a = make()
+        n, hkv, width, dv = a["initial_S"].shape
+        return dict(grad_out=torch.randn(*a["q"].shape[:3], dv), grad_S=torch.randn(n, hkv, width, dv),
+                    grad_z=torch.randn(n, hkv, width)) | a
+    return args
+
+
+def _args_feature_map():
+    a = _args_hedgehog()
+    return dict(x=a["q"], weight=a["q_weight"], bias=a["q_bias"])
+
+
+def _args_hedgehog_decode():
+    from hedgehog.hedgehog_cases import make_problem, make_state
+
+    p = make_problem(2, 4, 2, 1, 16, 8, 12)
+    s, z = make_state(2, 2, 16, 12)
+    return dict(q=p["q"][:, :, 0], k=p["k"][:, :, 0], v=p["v"][:, :, 0], q_weight=p["q_weight"],
+                k_weight=p["k_weight"], q_bias=p["q_bias"], k_bias=p["k_bias"], S=s, z=z, eps=1e-6)
+
+
+def _raw(op):
+    return lambda a, backend: _registry.REGISTRY[op].overload(*schema_order(op, a), backend=backend)
+
+
 OPS = {  # op -> (valid call, the same call through pyfast.<op>(..., backend=backend))
+    "hedgehog_feature_map": (_args_feature_map,
+                             lambda a, backend: pyfast.hedgehog_feature_map(a["x"], a["weight"], a["bias"],
+                                                                             backend=backend)),
+    "linear_attention": (_args_linear, _public_linear),
+    "linear_attention_backward": (_with_grads(_args_linear), _raw("linear_attention_backward")),
+    "hedgehog_attention": (_args_hedgehog, _public_hedgehog),
+    "hedgehog_attention_backward": (_with_grads(_args_hedgehog), _raw("hedgehog_attention_backward")),
+    "hedgehog_decode": (
+        _args_hedgehog_decode,
+        lambda a, backend: pyfast.hedgehog_decode(*(a[k] for k in ("q", "k", "v", "q_weight", "k_weight", "q_bias",
+                                                                  "k_bias")), state=(a["S"], a["z"]),
+                                                  eps=a["eps"], backend=backend),
+    ),
     "cherryq_matmul": (_args_cherryq, _public_cherryq),
     "decode_attention": (
         _args_decode,
@@ -77,3 +149,5 @@ OPS = {  # op -> (valid call, the same call through pyfast.<op>(..., backend=bac
     ),
 }
 assert set(OPS) == set(_registry.REGISTRY), "every registered op needs a valid call here"
+# Ops without a public function (called by another op's autograd): their "public" entry is the raw op.
+INTERNAL = {"linear_attention_backward", "hedgehog_attention_backward"}

@@ -46,11 +46,11 @@ def check_qkv(op: str, q, k, v, *, q_name="q", k_name="k") -> tuple[int, int, in
     return b, hq, hkv, t, d, v.shape[3], hq // hkv
 
 
-def check_feature_weights(op: str, prefix: str, weight, bias, heads: int, d: int, dtype) -> int:
-    """{prefix}_weight [heads, D, F] and {prefix}_bias [heads, F] (or None) in the input's dtype.
-    Returns F."""
+def check_feature_weights(op: str, prefix: str, weight, bias, heads: int, d: int, dtype, f: int | None = None) -> int:
+    """{prefix}_weight [heads, D, F] and {prefix}_bias [heads, F] (or None) in the input's dtype;
+    F given (the k side: as q's) or any. Returns F."""
     name = f"{prefix}_weight" if prefix else "weight"
-    check_tensor(op, name, weight, dtypes=(dtype,), shape=(heads, d, None))
+    check_tensor(op, name, weight, dtypes=(dtype,), shape=(heads, d, f))
     f = weight.shape[2]
     if f < 1:
         fail(op, name, f"[{heads}, {d}, F] with F >= 1", f"shape {list(weight.shape)}")
@@ -169,21 +169,19 @@ HEDGEHOG_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight
                  "Tensor? beta, float? scale, Tensor? cu_seqlens")
 
 
-def _check_linear(q, k, v, causal, eps, initial_S, initial_z, cu_seqlens):
-    b, hq, hkv, t, width, dv, _ = check_qkv(LINEAR, q, k, v)
-    check_scalars(LINEAR, eps)
-    n = check_cu_seqlens(LINEAR, cu_seqlens, b)
-    check_state(LINEAR, initial_S, initial_z, n, hkv, width, dv)
+def _check_linear(q, k, v, causal, eps, initial_S, initial_z, cu_seqlens, *, op=LINEAR):
+    b, hq, hkv, t, width, dv, _ = check_qkv(op, q, k, v)
+    check_scalars(op, eps)
+    n = check_cu_seqlens(op, cu_seqlens, b)
+    check_state(op, initial_S, initial_z, n, hkv, width, dv)
     return n, hkv, width, dv
 
 
 def _check_hedgehog(q, k, v, q_weight, k_weight, q_bias, k_bias, causal, eps, initial_S, initial_z, window,
-                    alpha, beta, scale, cu_seqlens):
-    op = HEDGEHOG
+                    alpha, beta, scale, cu_seqlens, *, op=HEDGEHOG):
     b, hq, hkv, t, d, dv, _ = check_qkv(op, q, k, v)
     f = check_feature_weights(op, "q", q_weight, q_bias, hq, d, q.dtype)
-    if check_feature_weights(op, "k", k_weight, k_bias, hkv, d, q.dtype) != f:
-        fail(op, "k_weight", f"F = {f} features (as q_weight)", f"shape {list(k_weight.shape)}")
+    check_feature_weights(op, "k", k_weight, k_bias, hkv, d, q.dtype, f)
     check_scalars(op, eps, scale)
     n = check_cu_seqlens(op, cu_seqlens, b)
     check_state(op, initial_S, initial_z, n, hkv, 2 * f, dv)
@@ -286,7 +284,7 @@ def _define_attention(name: str, args_schema: str, check, fake, tensors, cpu_ent
     bwd_name = f"{name}_backward"
 
     def check_bwd(grad_out, grad_S, grad_z, *fwd):
-        _check_grads(bwd_name, grad_out, grad_S, grad_z, fwd, check(*fwd))
+        _check_grads(bwd_name, grad_out, grad_S, grad_z, fwd, check(*fwd, op=bwd_name))
 
     backward_op = _registry.define(_registry.OpDef(
         name=bwd_name,
@@ -354,8 +352,7 @@ def _check_decode(q, k, v, q_weight, k_weight, q_bias, k_bias, S, z, eps) -> Non
     check_tensor(op, "v", v, dtypes=(q.dtype,), shape=(b, hkv, None))
     dv = v.shape[2]
     f = check_feature_weights(op, "q", q_weight, q_bias, hq, d, q.dtype)
-    if check_feature_weights(op, "k", k_weight, k_bias, hkv, d, q.dtype) != f:
-        fail(op, "k_weight", f"F = {f} features (as q_weight)", f"shape {list(k_weight.shape)}")
+    check_feature_weights(op, "k", k_weight, k_bias, hkv, d, q.dtype, f)
     check_tensor(op, "S", S, dtypes=_F32, shape=(b, hkv, 2 * f, dv))
     check_tensor(op, "z", z, dtypes=_F32, shape=(b, hkv, 2 * f))
     for name, t in (("S", S), ("z", z)):
