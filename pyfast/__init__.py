@@ -15,7 +15,14 @@ from pyfast.cherryq import (
     quantize_model,
     save_quantized,
 )
-from pyfast.hedgehog import hedgehog_attention, hedgehog_decode, hedgehog_feature_map, linear_attention
+from pyfast.hedgehog import (
+    HedgehogAttention,
+    HedgehogFeatureMap,
+    hedgehog_attention,
+    hedgehog_decode,
+    hedgehog_feature_map,
+    linear_attention,
+)
 from pyfast.sparse import append_kv, decode_attention, sparse_decode_attention
 from pyfast import sparse
 from pyfast.sparse import SparseKVCache
@@ -37,6 +44,8 @@ __all__ = [
     "linear_attention",
     "hedgehog_attention",
     "hedgehog_decode",
+    "HedgehogFeatureMap",
+    "HedgehogAttention",
     "append_kv",
     "decode_attention",
     "sparse_decode_attention",
