@@ -23,6 +23,7 @@ from pyfast.hedgehog import (
     hedgehog_feature_map,
     linear_attention,
 )
+from pyfast import hedgehog
 from pyfast.sparse import append_kv, decode_attention, sparse_decode_attention
 from pyfast import sparse
 from pyfast.sparse import SparseKVCache
@@ -46,6 +47,7 @@ __all__ = [
     "hedgehog_decode",
     "HedgehogFeatureMap",
     "HedgehogAttention",
+    "HedgehogStateCache",
     "append_kv",
     "decode_attention",
     "sparse_decode_attention",
@@ -59,4 +61,6 @@ __all__ = [
 def __getattr__(name):  # the transformers integration loads on first use (transformers is optional)
     if name in sparse.HF_NAMES:
         return getattr(sparse, name)
+    if name == "HedgehogStateCache":
+        return getattr(hedgehog, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
