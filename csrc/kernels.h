@@ -45,4 +45,25 @@ at::Tensor sparse_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k
                                         c10::optional<double> scale);
 }  // namespace sparse
 
+namespace hedgehog {
+// Forward (csrc/hedgehog/hedgehog_cpu.cpp). States float32: S [N, Hkv, 2F, Dv], z [N, Hkv, 2F]
+// (N = B, or the number of segments of cu_seqlens); with window > 0 the returned S, z are [0].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hedgehog_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& k_bias,
+    bool causal, double eps, const c10::optional<at::Tensor>& initial_S, const c10::optional<at::Tensor>& initial_z,
+    int64_t window, const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
+    c10::optional<double> scale, const c10::optional<at::Tensor>& cu_seqlens);  // -> (out, S_T, z_T)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double eps,
+    const c10::optional<at::Tensor>& initial_S, const c10::optional<at::Tensor>& initial_z,
+    const c10::optional<at::Tensor>& cu_seqlens);  // q, k: features [B, Hq, T, F'], [B, Hkv, T, F']
+at::Tensor hedgehog_feature_map_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias);
+at::Tensor hedgehog_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& q_weight, const at::Tensor& k_weight,
+                               const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& k_bias,
+                               const at::Tensor& S, const at::Tensor& z, double eps);  // S, z updated in place
+}  // namespace hedgehog
+
 }  // namespace pyfast

@@ -39,6 +39,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("append_kv_cpu", &pyfast::sparse::append_kv_cpu);
   m.def("decode_attention_cpu", &pyfast::sparse::decode_attention_cpu);
   m.def("sparse_decode_attention_cpu", &pyfast::sparse::sparse_decode_attention_cpu);
+  m.def("hedgehog_attention_cpu", &pyfast::hedgehog::hedgehog_attention_cpu);
+  m.def("linear_attention_cpu", &pyfast::hedgehog::linear_attention_cpu);
+  m.def("hedgehog_feature_map_cpu", &pyfast::hedgehog::hedgehog_feature_map_cpu);
+  m.def("hedgehog_decode_cpu", &pyfast::hedgehog::hedgehog_decode_cpu);
 #ifdef PYFAST_WITH_CUDA
 #define PYFAST_BIND_CUDA(ns, name) m.def(#name, &pyfast::ns::name);
   PYFAST_CUDA_ENTRY_POINTS(PYFAST_BIND_CUDA)

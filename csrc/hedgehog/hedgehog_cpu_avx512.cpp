@@ -1,0 +1,145 @@
+// Hedgehog forward CPU kernels for AVX-512 (F, BW, VL, DQ) + F16C. Only reached when the running
+// CPU has these (runtime check in hedgehog_cpu.cpp). No torch or std headers past the pragma:
+// everything compiled under it stays in this unit (anonymous namespace).
+#include <cstdint>
+
+#include "hedgehog/hedgehog_cpu.h"
+
+#if !(defined(__x86_64__) || defined(_M_X64))
+// Not an x86 CPU: cpu_has_avx512() is false, these are never called; keep the symbols linkable.
+namespace pyfast::hedgehog {
+void fwd_work_avx512(const FwdArgs& a, const FwdWork& w) { fwd_work_scalar(a, w); }
+void fmap_chunk_avx512(const FmapArgs& a, int64_t b, int64_t h, int64_t t0, int64_t len, float* scratch) {
+  fmap_chunk_scalar(a, b, h, t0, len, scratch);
+}
+void decode_head_avx512(const DecodeArgs& a, int64_t b, int64_t j, float* scratch) { decode_head_scalar(a, b, j, scratch); }
+}  // namespace pyfast::hedgehog
+#else
+// GCC 12's AVX-512 headers build "undefined" vectors as `__m512 __Y = __Y;` and warn about it at
+// every inlined use (GCC bug 105593, fixed in 13): silence that for this unit only.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+
+#include "common/cpu_vec16_avx512.h"
+
+namespace pyfast::hedgehog {
+namespace {
+
+struct Isa : Vec16 {
+  static inline __mmask16 first(int64_t n) {
+    return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
+  }
+
+  // n <= 16 elements of type E as fp32; masked loads never touch memory past element n.
+  template <Elem E>
+  static inline V load(const void* p, int64_t n) {
+    if constexpr (E == Elem::kF32) {
+      return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(n), p);
+    } else {
+      const __m256i h = n >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(first(n), p);
+      if constexpr (E == Elem::kF16) return _mm512_cvtph_ps(h);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 = top half of fp32
+    }
+  }
+
+  // The first n lanes of v as type E, rounded to nearest even (NaN stays NaN).
+  template <Elem E>
+  static inline void store(void* p, V v, int64_t n) {
+    if constexpr (E == Elem::kF32) {
+      if (n >= 16) _mm512_storeu_ps(p, v);
+      else _mm512_mask_storeu_ps(p, first(n), v);
+    } else {
+      __m256i h;
+      if constexpr (E == Elem::kF16) {
+        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {
+        // bf16: add 0x7FFF plus the lowest kept bit, keep the top 16 bits; NaN: quiet, truncated.
+        const __m512i x = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        const __m512i q = _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
+        h = _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, q));
+      }
+      if (n >= 16) _mm256_storeu_si256(static_cast<__m256i*>(p), h);
+      else _mm256_mask_storeu_epi16(p, first(n), h);
+    }
+  }
+
+  static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+
+  // Lanes [lo, hi) of v (bounds clamped to [0, 16]), zeros elsewhere.
+  static inline V keep(V v, int64_t lo, int64_t hi) {
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(first(hi) & ~first(lo)), v);
+  }
+  // Lanes >= n set to x.
+  static inline V fill_from(V v, int64_t n, float x) { return _mm512_mask_mov_ps(_mm512_set1_ps(x), first(n), v); }
+
+  // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 with ln 2 in two parts (|r| <= 0.35), e^r
+  // by its degree-7 Taylor series (truncation error < 6e-9 relative). x is clamped to
+  // [-110, 89] so -inf gives 0 and large x gives inf through scalef; NaN passes through max/min
+  // (the second operand is returned when either is NaN) and through scalef.
+  static inline V exp(V x) {
+    x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-110.f), x));
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), r);
+    V p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+  }
+
+  // r[i][c] -> r[c][i]. Per 128-bit lane: 32-bit interleave of row pairs, 64-bit interleave of
+  // pair pairs (u[4q + c] holds column 4L + c of rows 4q..4q+3 in lane L), then two 128-bit lane
+  // shuffles gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into row 4L + c.
+  static inline V lo64(V a, V b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); }
+  static inline V hi64(V a, V b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); }
+  static inline void transpose16(V (&r)[16]) {
+    V t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int q = 0; q < 16; q += 4) {
+      u[q] = lo64(t[q], t[q + 2]);
+      u[q + 1] = hi64(t[q], t[q + 2]);
+      u[q + 2] = lo64(t[q + 1], t[q + 3]);
+      u[q + 3] = hi64(t[q + 1], t[q + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const V v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), w0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+      const V v1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+      r[c] = _mm512_shuffle_f32x4(v0, v1, 0x88);
+      r[8 + c] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
+      r[4 + c] = _mm512_shuffle_f32x4(w0, w1, 0x88);
+      r[12 + c] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
+    }
+  }
+};
+
+#include "hedgehog/hedgehog_cpu_kernel.h"
+
+}  // namespace
+
+void fwd_work_avx512(const FwdArgs& a, const FwdWork& w) { Kernel::work(a, w); }
+void fmap_chunk_avx512(const FmapArgs& a, int64_t b, int64_t h, int64_t t0, int64_t len, float* scratch) {
+  Kernel::fmap_chunk(a, b, h, t0, len, scratch);
+}
+void decode_head_avx512(const DecodeArgs& a, int64_t b, int64_t j, float* scratch) { Kernel::decode_head(a, b, j, scratch); }
+
+}  // namespace pyfast::hedgehog
+
+#pragma GCC pop_options
+#endif
