@@ -3,7 +3,7 @@
 // derives from Vec16 (common/cpu_vec16_*.h: V = 16 fp32 lanes, zero, set1, add, sub, mul,
 // fma(a, b, c) = a*b + c, reduce_add, reduce_max, loadf/storef) and adds load<E>(p, n) / store<E>
 // (n <= 16 lanes of element type E; loads give zeros past n, stores write n), max, min, div,
-// exp (~1e-7 relative, NaN-propagating), keep(v, lo, hi) (lanes [lo, hi) of v, zeros elsewhere),
+// exp (~1e-7 relative, NaN-propagating, subnormal results flushed to zero), keep(v, lo, hi) (lanes [lo, hi) of v, zeros elsewhere),
 // fill_from(v, n, x) (lanes >= n set to x) and transpose16 (a 16 x 16 block held in 16 vectors).
 //
 // Chunked causal linear attention (pyfast/reference/hedgehog.py), per KV head and chunk of 64
@@ -56,6 +56,22 @@ struct Kernel {
   // One row of n elements (any type) into fp32 dst, zero-padded to a multiple of 16.
   static void load_row(const void* x, Elem e, int64_t n, float* dst) {
     for (int64_t c = 0; c < n; c += kLanes) Isa::storef(dst + c, load_e(at(x, e, c), e, lanes(n, c)));
+  }
+
+  // Rows of the next chunk to prefetch into L2 while this one computes, a few per row block of
+  // chunk_rows so that the requests spread over the FMA work instead of stalling in one burst.
+  struct Prefetch {
+    const void* q = nullptr;  // next chunk's query rows of this head
+    const void* k = nullptr;  // next key block's k and v rows (first query head only)
+    const void* v = nullptr;
+    int64_t nq = 0, nk = 0;
+  };
+  static void prefetch_rows(const void* x, Elem e, int64_t st, int64_t n, int64_t r0, int64_t r1) {
+    const int64_t bytes = n * esize(e);
+    for (int64_t t = r0; t < r1; ++t) {
+      const char* r = static_cast<const char*>(at(x, e, t * st));
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(r + off, 0, 2);
+    }
   }
 
   // dst[d * 64 + t] = x[t * st + d] for tokens t in [lo, hi) and d < n; every other token of the
@@ -277,7 +293,7 @@ struct Kernel {
   // Output rows of one chunk (tokens c0 + [0, L)) for query head h, whose features are in qt.
   // Causal: keys [j0, i] of the (shifted) key block in kt / vb are visible to row i.
   static void chunk_rows(const FwdArgs& a, const FwdWork& w, const Bufs& bf, int64_t h, int64_t c0, int64_t L,
-                         int64_t j0) {
+                         int64_t j0, const Prefetch& pf) {
     const int64_t FF = a.FF, Dvp = a.Dvp, Dv = a.Dv;
     const bool causal = a.causal, hybrid = a.window > 0;
     const float alpha = a.alpha ? a.alpha[h] : 1.f, beta = a.beta ? a.beta[h] : 1.f;
@@ -302,6 +318,11 @@ struct Kernel {
             rs[r] = Isa::reduce_add(sum);
           }
         });
+      }
+      if (pf.q) prefetch_rows(pf.q, a.elem, a.q.st, a.D, i0, i0 + R < pf.nq ? i0 + R : pf.nq);
+      if (pf.k) {
+        prefetch_rows(pf.k, a.elem, a.k.st, a.D, i0, i0 + R < pf.nk ? i0 + R : pf.nk);
+        prefetch_rows(pf.v, a.elem, a.v.st, a.Dv, i0, i0 + R < pf.nk ? i0 + R : pf.nk);
       }
       if (hybrid) window_band(a, w, bf, h, c0, i0, R);
       float inv[R], cl[R];  // out = (cl * num_linear + beta * ns) * inv
@@ -364,6 +385,19 @@ struct Kernel {
       features(qx, e, a.q.st, a.D, a.F, 0, L, a.F ? a.wq + h * a.D * a.F : nullptr, a.F ? a.bq + h * a.F : nullptr,
                bf.xt, bf.ut, bf.qt);
     };
+    // The rows chunk c0 + 64 will read: query head g's, and the key block starting at nkb (keys
+    // before the sequence start left out; nkb <= -64: no keys).
+    auto next_rows = [&](int64_t g, int64_t c0, int64_t nkb) {
+      Prefetch pf;
+      const int64_t c1 = c0 + kChunk, nL = w.len - c1 < kChunk ? w.len - c1 : kChunk;
+      if (nL <= 0) return pf;
+      pf.q = at(a.q.p, e, w.b * a.q.sb + (w.j * a.G + g) * a.q.sh + (w.t0 + c1) * a.q.st), pf.nq = nL;
+      if (nkb > -kChunk) {
+        const int64_t lo = nkb < 0 ? -nkb : 0;
+        pf.k = at(kx, e, (nkb + lo) * a.k.st), pf.v = at(vx, e, (nkb + lo) * a.v.st), pf.nk = nL - lo;
+      }
+      return pf;
+    };
     if (!a.causal) {  // the whole sequence's state first, then every row reads it
       for (int64_t c0 = 0; c0 < w.len; c0 += kChunk) {
         const int64_t L = w.len - c0 < kChunk ? w.len - c0 : kChunk;
@@ -374,7 +408,7 @@ struct Kernel {
         const int64_t L = w.len - c0 < kChunk ? w.len - c0 : kChunk;
         for (int64_t g = w.g0; g < w.g1; ++g) {
           query_features(w.j * a.G + g, c0, L);
-          chunk_rows(a, w, bf, w.j * a.G + g, c0, L, 0);
+          chunk_rows(a, w, bf, w.j * a.G + g, c0, L, 0, next_rows(g, c0, -kChunk));
         }
       }
     } else {
@@ -385,7 +419,7 @@ struct Kernel {
         if (j0 < L) load_keys(a, w, bf, at(kx, e, kb * a.k.st), at(vx, e, kb * a.v.st), j0, L);
         for (int64_t g = w.g0; g < w.g1; ++g) {
           query_features(w.j * a.G + g, c0, L);
-          chunk_rows(a, w, bf, w.j * a.G + g, c0, L, j0);
+          chunk_rows(a, w, bf, w.j * a.G + g, c0, L, j0, next_rows(g, c0, g == w.g0 ? kb + kChunk : -1));
         }
         if (j0 < L) update_state(a, bf, j0, L);
       }
