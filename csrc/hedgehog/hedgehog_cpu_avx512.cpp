@@ -77,8 +77,10 @@ struct Isa : Vec16 {
   static inline V keep(V v, int64_t lo, int64_t hi) {
     return _mm512_maskz_mov_ps(static_cast<__mmask16>(first(hi) & ~first(lo)), v);
   }
-  // Lanes >= n set to x.
-  static inline V fill_from(V v, int64_t n, float x) { return _mm512_mask_mov_ps(_mm512_set1_ps(x), first(n), v); }
+  // Lanes [lo, hi) of v (bounds clamped to [0, 16]), x elsewhere.
+  static inline V mask(V v, int64_t lo, int64_t hi, float x) {
+    return _mm512_mask_mov_ps(_mm512_set1_ps(x), static_cast<__mmask16>(first(hi) & ~first(lo)), v);
+  }
 
   // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 with ln 2 in two parts (|r| <= 0.35), e^r
   // by its degree-7 Taylor series (truncation error < 6e-9 relative). Results that would be
