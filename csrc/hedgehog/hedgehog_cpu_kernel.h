@@ -24,10 +24,12 @@
 // The sliding-window hybrid reuses the loop with the key block shifted back by `window`: query
 // row t of chunk c0 reads the linear state of keys s <= t - window, i.e. the state before key
 // c0 - window plus keys [c0 - window, t - window] of the shifted block (the same lower triangle).
-// The softmax part of its band (t - window, t] is a per-row loop over raw q . k scores.
-
-template <Elem E> struct ElemType { using T = uint16_t; };
-template <> struct ElemType<Elem::kF32> { using T = float; };
+// The softmax part of its band (t - window, t] runs flash-style over blocks of 64 raw keys
+// (window_band), through the same micro-kernel.
+//
+// Measured (fp32, B1 H8 D=F=Dv=64, T=8192, one thread of this VM's Xeon): ~45 ms, ~90 GFLOP/s
+// of the ~200 a core peaks at; the products take ~75% of the time, the two softmaxes of the
+// feature maps ~12%, the transposed loads ~5%.
 
 struct Kernel {
   using V = typename Isa::V;
