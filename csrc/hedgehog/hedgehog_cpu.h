@@ -56,10 +56,10 @@ inline int64_t round16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 // the feature map's softmax over F is then a vertical (lane-wise) reduction, and the key features
 // are the [FF x 64] right-hand side of the score product.
 struct FwdScratch {
-  int64_t xt, ut, kt, qt, vb, am, s, z, den, qrow, sc, ns, ds, total;
+  int64_t xt, ut, kt, qt, vb, am, s, z, den, bkt, bvb, ns, ds, bm, total;
   static constexpr int kRowBlock = 8;  // at least the largest row block of the kernels
   explicit FwdScratch(const FwdArgs& a) {
-    const int64_t ffp = round16(a.FF), band = a.window > 0 ? round16(a.window < a.T ? a.window : a.T) + kLanes : 0;
+    const int64_t ffp = round16(a.FF), hybrid = a.window > 0;
     int64_t o = 0;
     auto take = [&o](int64_t n) { const int64_t at = o; o += round16(n); return at; };
     xt = take(round16(a.D) * kChunk);  // q or k chunk transposed, [Dp x 64]
@@ -67,17 +67,21 @@ struct FwdScratch {
     kt = take(ffp * kChunk);           // key features, [FF x 64]
     qt = take(ffp * kChunk);           // query features, [FF x 64]
     vb = take(kChunk * a.Dvp);         // values in fp32, [64 x Dvp]
-    am = take(kRowBlock * kChunk);     // masked scores of one row block, [R x 64]
+    am = take(kRowBlock * kChunk);     // masked scores (or window probabilities) of one row block
     s = take(a.FF * a.Dvp);            // running state S, [FF x Dvp]
     z = take(ffp);                     // running z, [FF]
     den = take(kChunk);                // q_t . z per chunk row
-    qrow = take(round16(a.D));         // window part: one query row, scaled
-    sc = take(band);                   // window part: scores of one row's band
-    ns = take(kRowBlock * a.Dvp);      // window part: sum e_s v_s per row of a block
-    ds = take(kRowBlock);              // window part: sum e_s
+    // Window part only: raw band keys transposed [Dp x 64] and values [64 x Dvp]; per chunk row
+    // sum e_s v_s [64 x Dvp], sum e_s and the running max.
+    bkt = take(hybrid * round16(a.D) * kChunk);
+    bvb = take(hybrid * kChunk * a.Dvp);
+    ns = take(hybrid * kChunk * a.Dvp);
+    ds = take(hybrid * kChunk);
+    bm = take(hybrid * kChunk);
     total = o;
   }
 };
+
 void fwd_work_avx512(const FwdArgs& a, const FwdWork& w);
 void fwd_work_scalar(const FwdArgs& a, const FwdWork& w);
 

@@ -77,15 +77,20 @@ struct Isa : Vec16 {
   static inline V keep(V v, int64_t lo, int64_t hi) {
     return _mm512_maskz_mov_ps(static_cast<__mmask16>(first(hi) & ~first(lo)), v);
   }
-  // Lanes >= n set to x.
-  static inline V fill_from(V v, int64_t n, float x) { return _mm512_mask_mov_ps(_mm512_set1_ps(x), first(n), v); }
+  // Lanes [lo, hi) of v (bounds clamped to [0, 16]), x elsewhere.
+  static inline V mask(V v, int64_t lo, int64_t hi, float x) {
+    return _mm512_mask_mov_ps(_mm512_set1_ps(x), static_cast<__mmask16>(first(hi) & ~first(lo)), v);
+  }
 
   // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 with ln 2 in two parts (|r| <= 0.35), e^r
-  // by its degree-7 Taylor series (truncation error < 6e-9 relative). x is clamped to
-  // [-110, 89] so -inf gives 0 and large x gives inf through scalef; NaN passes through max/min
-  // (the second operand is returned when either is NaN) and through scalef.
+  // by its degree-7 Taylor series (truncation error < 6e-9 relative). Results that would be
+  // subnormal (x < -87.33) are flushed to zero: a sharp softmax makes many of them, and every
+  // later FMA on a subnormal operand would take a microcode assist. x is clamped to at most 89
+  // so large x gives inf through scalef; NaN passes through max/min (the second operand is
+  // returned when either is NaN), scalef and the unordered compare.
   static inline V exp(V x) {
-    x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-110.f), x));
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33f), _CMP_NLT_UQ);
+    x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-88.f), x));
     const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -98,7 +103,7 @@ struct Isa : Vec16 {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
   }
 
   // r[i][c] -> r[c][i]. Per 128-bit lane: 32-bit interleave of row pairs, 64-bit interleave of

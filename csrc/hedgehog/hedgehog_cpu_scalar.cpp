@@ -63,8 +63,9 @@ struct Isa : Vec16 {
   static inline V min(const V& a, const V& b) { return map([&](int i) { return a.v[i] < b.v[i] ? a.v[i] : b.v[i]; }); }
   static inline V div(const V& a, const V& b) { return map([&](int i) { return a.v[i] / b.v[i]; }); }
   static inline V keep(const V& v, int64_t lo, int64_t hi) { return map([&](int i) { return i >= lo && i < hi ? v.v[i] : 0.f; }); }
-  static inline V fill_from(const V& v, int64_t n, float x) { return map([&](int i) { return i < n ? v.v[i] : x; }); }
-  static inline V exp(const V& x) { return map([&](int i) { return std::exp(x.v[i]); }); }
+  static inline V mask(const V& v, int64_t lo, int64_t hi, float x) { return map([&](int i) { return i >= lo && i < hi ? v.v[i] : x; }); }
+  // Subnormal results flushed to zero, as in the AVX-512 unit (NaN passes: the compare is false).
+  static inline V exp(const V& x) { return map([&](int i) { return x.v[i] < -87.33f ? 0.f : std::exp(x.v[i]); }); }
   static inline void transpose16(V (&r)[16]) {
     for (int i = 0; i < 16; ++i)
       for (int j = i + 1; j < 16; ++j) {
