@@ -230,17 +230,22 @@ def _reference_backward(forward, tensors):
     the forward arguments at positions `tensors` (an empty tensor for an absent one)."""
 
     def backward(grad_out, grad_S, grad_z, *args):
-        with torch.enable_grad():
-            leaves = {i: args[i].detach().double().requires_grad_() for i in tensors if args[i] is not None}
-            out, s, z = forward(*[leaves.get(i, a) for i, a in enumerate(args)])
-            outs, seeds = [out.double()], [grad_out.double()]
-            if grad_S is not None and s.numel():
-                outs += [s.double(), z.double()]
-                seeds += [grad_S.double(), grad_z.double()]
-            got = dict(zip(leaves, torch.autograd.grad(outs, list(leaves.values()), seeds, allow_unused=True)))
-        return tuple(args[0].new_empty(_EMPTY_SHAPE) if args[i] is None
-                     else torch.zeros_like(args[i]) if got[i] is None else got[i].to(args[i].dtype)
-                     for i in tensors)
+        # torch.func.vjp, not torch.autograd: this runs as an op implementation, below the
+        # dispatcher's autograd key, where only functorch's own transform records the graph.
+        present = [i for i in tensors if args[i] is not None]
+        with_state = grad_S is not None
+
+        def f(*xs):
+            full = list(args)
+            for i, x in zip(present, xs):
+                full[i] = x
+            out, s, z = forward(*full)
+            return (out.double(), s.double(), z.double()) if with_state else (out.double(),)
+
+        _, vjp = torch.func.vjp(f, *(args[i].double() for i in present))
+        seeds = (grad_out.double(), grad_S.double(), grad_z.double()) if with_state else (grad_out.double(),)
+        got = dict(zip(present, vjp(seeds)))
+        return tuple(got[i].to(args[i].dtype) if i in got else args[0].new_empty(_EMPTY_SHAPE) for i in tensors)
 
     return backward
 

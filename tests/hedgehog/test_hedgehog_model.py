@@ -27,7 +27,7 @@ from pyfast.reference import hedgehog as ref  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-BACKEND = "reference"
+BACKEND = None
 VOCAB, F_DIM = 64, 8
 
 

@@ -15,7 +15,7 @@ import pyfast
 from pyfast.reference import hedgehog as ref
 from pyfast.testing import assert_close
 
-BACKEND = "reference"
+BACKEND = None
 TOL = 1e-5  # float32 modules against the float64 spec / plain-PyTorch float32 weights
 
 

