@@ -5,7 +5,8 @@
 // h = j * G + g that read it. A task owns every output row it writes (dq of its query heads, dk/dv of
 // its KV head, dS0/dz0 of (n, j)); sums over tasks (dq_weight, dk_weight, biases, alpha, beta) go to
 // per-thread Partials that the host adds up. Nothing of size [B, H, T, 2F] is ever stored: features
-// are recomputed per chunk of kChunk tokens.
+// are recomputed per chunk of kChunk tokens; what a thread keeps for its current task are the
+// states entering each chunk (Layout, below).
 #pragma once
 #include <cstdint>
 
@@ -88,7 +89,7 @@ struct Layout {
     dst = take(Dvp * F2p);                             // dS^T
     r = take(C * F2p), dqf = take(C * F2p), dkf = take(C * F2p), du = take(C * Fp), dx = take(C * Dp);
     ds = take(F2p * Dvp), dz = take(F2p), dva = take(C * Dvp);  // running dS [F2p, Dv], dz; dv of a chunk
-    rows = take(4 * C);                                         // per-row scalars of a chunk
+    rows = take(2 * C);                                         // r_t, k_t of a chunk's rows
     slots = take(nslots * slot), ckpts = take(nckpt * slot);    // chunk-entry states, block checkpoints
     sc = take(wb), e = take(wb), gv = take(wb), qs = take(Dp), dqrow = take(Dp);  // window band of one row
     total = at;
