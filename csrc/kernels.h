@@ -5,6 +5,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <vector>
+
 // The CUDA entry points as X(namespace, name), for module.cpp and the CPU emulation of the CUDA
 // kernels (csrc/emu/emu_module.cpp), so both bind the same list.
 #define PYFAST_CUDA_ENTRY_POINTS(X)                                                                 \
@@ -64,6 +66,26 @@ at::Tensor hedgehog_decode_cpu(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& q_weight, const at::Tensor& k_weight,
                                const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& k_bias,
                                const at::Tensor& S, const at::Tensor& z, double eps);  // S, z updated in place
+// Backward (csrc/hedgehog/hedgehog_cpu_backward.cpp) of hedgehog_attention / linear_attention
+// (grad_S, grad_z: gradients of the returned state, absent when not needed), then every forward
+// argument in schema order. Returns {dq, dk, dv, dq_weight, dk_weight, dq_bias, dk_bias,
+// dinitial_S, dinitial_z, dalpha, dbeta} resp. {dq, dk, dv, dinitial_S, dinitial_z}, undefined where
+// the forward argument was absent.
+std::vector<at::Tensor> hedgehog_attention_backward_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_S, const c10::optional<at::Tensor>& grad_z,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& k_bias,
+    bool causal, double eps, const c10::optional<at::Tensor>& initial_S, const c10::optional<at::Tensor>& initial_z,
+    int64_t window, const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
+    c10::optional<double> scale, const c10::optional<at::Tensor>& cu_seqlens);
+std::vector<at::Tensor> linear_attention_backward_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_S, const c10::optional<at::Tensor>& grad_z,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double eps,
+    const c10::optional<at::Tensor>& initial_S, const c10::optional<at::Tensor>& initial_z,
+    const c10::optional<at::Tensor>& cu_seqlens);
+// Per-thread memory for the chunk states the causal backward keeps (bytes); tests lower it to reach
+// the checkpointed path (pyfast._C.set_hedgehog_backward_state_bytes).
+int64_t& backward_state_bytes();
 }  // namespace hedgehog
 
 }  // namespace pyfast

@@ -43,6 +43,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_attention_cpu", &pyfast::hedgehog::linear_attention_cpu);
   m.def("hedgehog_feature_map_cpu", &pyfast::hedgehog::hedgehog_feature_map_cpu);
   m.def("hedgehog_decode_cpu", &pyfast::hedgehog::hedgehog_decode_cpu);
+  m.def("hedgehog_attention_backward_cpu", &pyfast::hedgehog::hedgehog_attention_backward_cpu);
+  m.def("linear_attention_backward_cpu", &pyfast::hedgehog::linear_attention_backward_cpu);
 #ifdef PYFAST_WITH_CUDA
 #define PYFAST_BIND_CUDA(ns, name) m.def(#name, &pyfast::ns::name);
   PYFAST_CUDA_ENTRY_POINTS(PYFAST_BIND_CUDA)
@@ -51,6 +53,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("set_poison_outputs", [](bool on) { pyfast::poison_outputs() = on; },
         "Fill every op output with NaN before the kernel writes it (for tests).");
+  m.def("set_hedgehog_backward_state_bytes", [](int64_t bytes) { pyfast::hedgehog::backward_state_bytes() = bytes; },
+        "Per-thread memory (bytes) for the chunk states of the causal Hedgehog backward; longer "
+        "sequences are recomputed from checkpoints (tests lower it to reach that path).");
   m.def("set_cpu_isa", [](const std::string& isa) {
         using namespace pyfast;
         int cap = kIsaAvx512Vnni;  // "auto": the best this CPU runs

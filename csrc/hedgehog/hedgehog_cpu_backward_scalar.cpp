@@ -1,0 +1,46 @@
+// Hedgehog backward CPU kernel for any CPU: plain C++ over 16-float "vectors" that the compiler
+// vectorizes for the baseline ISA. Used when AVX-512 is not available (and in tests via
+// pyfast._C.set_cpu_isa("scalar")).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+
+#include "common/cpu_vec16_scalar.h"
+#include "hedgehog/hedgehog_cpu_backward.h"
+
+namespace pyfast::hedgehog::bwd {
+namespace {
+
+struct Isa : Vec16 {
+  static inline V maxv(const V& a, const V& b) { return map([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; }); }
+  static inline V exp(const V& x) { return map([&](int i) { return std::exp(x.v[i]); }); }
+  static inline V fill_tail(const V& a, int64_t n, float x) { return map([&](int i) { return i < n ? a.v[i] : x; }); }
+  static inline V loadf_n(const float* p, int64_t n) { return map([&](int i) { return i < n ? p[i] : 0.f; }); }
+  static inline void storef_n(float* p, const V& a, int64_t n) {
+    for (int i = 0; i < 16 && i < n; ++i) p[i] = a.v[i];
+  }
+  static inline V gather(const float* p, int64_t stride, int64_t n) {
+    return map([&](int i) { return i < n ? p[i * stride] : 0.f; });
+  }
+  template <Elem E>
+  static inline V load(const void* p, int64_t n) {
+    return map([p, n](int i) -> float {
+      if (i >= n) return 0.f;
+      if constexpr (E == Elem::kF32) return static_cast<const float*>(p)[i];
+      const uint16_t h = static_cast<const uint16_t*>(p)[i];
+      return E == Elem::kF16 ? half_bits_to_float(h) : bf16_bits_to_float(h);
+    });
+  }
+};
+
+#include "hedgehog/hedgehog_bwd_kernel.h"
+
+}  // namespace
+
+void backward_task_scalar(const Problem& p, const Layout& l, int64_t n, int64_t j, float* scratch, const Partials& acc) {
+  backward_task(p, l, n, j, scratch, acc);
+}
+
+}  // namespace pyfast::hedgehog::bwd
