@@ -13,6 +13,8 @@ packed segment) and KV head; with window > 0 there is no state and S, z are empt
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -225,27 +227,38 @@ def _reference_hedgehog(q, k, v, q_weight, k_weight, q_bias, k_bias, causal, eps
     return out, s.float(), z.float()
 
 
+@contextlib.contextmanager
+def _autograd_below_autograd_key():
+    """Record autograd inside an op implementation. The registry's autograd kernel redispatches
+    below the Autograd key, so ops called from an implementation record no graph; the reference
+    backward needs one (it is autograd of the float64 spec). Dropping the Autograd and
+    ADInplaceOrView keys from this thread's exclude set, for this block only, restores it. Plain
+    tensors flow through (torch.func.vjp's wrappers would trip opcheck's schema checker)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.ADInplaceOrView):
+        exclude = exclude - torch._C.DispatchKeySet(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
 def _reference_backward(forward, tensors):
     """The backward op's reference: autograd of the float64 reference `forward` with respect to
     the forward arguments at positions `tensors` (an empty tensor for an absent one)."""
 
     def backward(grad_out, grad_S, grad_z, *args):
-        # torch.func.vjp, not torch.autograd: this runs as an op implementation, below the
-        # dispatcher's autograd key, where only functorch's own transform records the graph.
         present = [i for i in tensors if args[i] is not None]
-        with_state = grad_S is not None
-
-        def f(*xs):
+        with _autograd_below_autograd_key():
             full = list(args)
-            for i, x in zip(present, xs):
-                full[i] = x
+            for i in present:
+                full[i] = args[i].detach().double().requires_grad_()
             out, s, z = forward(*full)
-            return (out.double(), s.double(), z.double()) if with_state else (out.double(),)
-
-        _, vjp = torch.func.vjp(f, *(args[i].double() for i in present))
-        seeds = (grad_out.double(), grad_S.double(), grad_z.double()) if with_state else (grad_out.double(),)
-        got = dict(zip(present, vjp(seeds)))
-        return tuple(got[i].to(args[i].dtype) if i in got else args[0].new_empty(_EMPTY_SHAPE) for i in tensors)
+            outs, seeds = [out.double()], [grad_out.double()]
+            if grad_S is not None:
+                outs += [s.double(), z.double()]
+                seeds += [grad_S.double(), grad_z.double()]
+            grads = torch.autograd.grad(outs, [full[i] for i in present], seeds, allow_unused=True)
+        got = {i: (torch.zeros_like(args[i]) if g is None else g.to(args[i].dtype)) for i, g in zip(present, grads)}
+        return tuple(got[i] if i in got else args[0].new_empty(_EMPTY_SHAPE) for i in tensors)
 
     return backward
 
