@@ -262,12 +262,15 @@ def _cherryq_gemm_kernel(
 def _prepare(x2d, bias, qweight, scales, cherry_idx, group_size):
     """Sizes of a call whose arguments the registry checked (pyfast/cherryq/ops.py). x2d gets unit
     stride along K (any row stride is fine) and bias unit stride (the epilogue reads bias + o_n;
-    a strided or expanded bias is copied). Returns (x2d, bias, M, N, K, C)."""
+    a strided or expanded bias is copied). Returns (x2d, bias, y, M, N, K, C), y [M, N] the
+    output, in x's dtype, unwritten."""
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    return x2d, bias, x2d.shape[0], qweight.shape[0], scales.shape[1] * group_size, cherry_idx.shape[1]
+    M, N = x2d.shape[0], qweight.shape[0]
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    return x2d, bias, y, M, N, scales.shape[1] * group_size, cherry_idx.shape[1]
 
 
 def _gemv_split_k(N: int, K: int, group_size: int, sms: int) -> int:
@@ -279,8 +282,7 @@ def _gemv_split_k(N: int, K: int, group_size: int, sms: int) -> int:
 def plan_cherryq_gemv(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size, *,
                       target: Target, split_k: int | None = None) -> tuple[list[Launch], torch.Tensor]:
     """The launches of `cherryq_gemv_triton` on `target` and its output y (see kernels/_utils.py)."""
-    x2d, bias, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
-    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    x2d, bias, y, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
     if M == 0 or N == 0:
         return [], y
     G = K // group_size
@@ -346,8 +348,7 @@ def _gemm_config(M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 def plan_cherryq_gemm(x2d, qweight, scales, zeros, cherry_idx, cherry_val, bias, bits, group_size, *,
                       target: Target, block_m: int | None = None) -> tuple[list[Launch], torch.Tensor]:
     """The launch of `cherryq_gemm_triton` on `target` and its output y (see kernels/_utils.py)."""
-    x2d, bias, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
-    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    x2d, bias, y, M, N, K, C = _prepare(x2d, bias, qweight, scales, cherry_idx, group_size)
     if M == 0 or N == 0:
         return [], y
     BM, BN, BK, num_warps = _gemm_config(M if block_m is None else block_m, x2d.dtype)

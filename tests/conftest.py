@@ -24,6 +24,23 @@ TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_BACKENDS = ("cpu", "triton", "cuda")
 
 
+# Test ids: dtypes by short name, and a case tuple as one id (every family's case builder uses them).
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def shape_id(case) -> str:
+    """A short test id for a tuple of ints, lists and dtypes."""
+    parts = []
+    for x in case:
+        if isinstance(x, torch.dtype):
+            parts.append(DTYPE_IDS[x])
+        elif isinstance(x, (list, tuple)):
+            parts.append("L" + "_".join(map(str, x)))
+        elif x is not None:
+            parts.append(str(x))
+    return "-".join(parts)
+
+
 # True while a test runs the CUDA kernels under the CPU emulation (its `backend` param has the id
 # "cuda_emu", value "cuda"): see tests/cuda_emu.py and the _cuda_emulation fixture below.
 EMULATING = [False]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 import pyfast
+from conftest import DTYPE_IDS  # noqa: F401  (re-exported: the family's tests import it from here)
 from pyfast.reference.cherryq import matmul as ref_matmul
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def make_weight(n, k, bits, group_size, cherries=None, seed=0, device="cpu"):

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from conftest import DTYPE_IDS, shape_id  # noqa: F401  (re-exported: the family's tests import them from here)
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 # (B, Hq, Hkv, T, D, F, Dv): odd sizes, GQA ratios 1, 3 and 2, T across one prefix-sum chunk (64).
 SHAPES = [
@@ -74,16 +75,3 @@ def to64(p: dict) -> dict:
             return tuple(conv(y) for y in x)
         return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
     return {key: conv(val) for key, val in p.items()}
-
-
-def shape_id(case) -> str:
-    """A short test id for a tuple of ints, lists and dtypes."""
-    parts = []
-    for x in case:
-        if isinstance(x, torch.dtype):
-            parts.append(DTYPE_IDS[x])
-        elif isinstance(x, (list, tuple)):
-            parts.append("L" + "_".join(map(str, x)))
-        elif x is not None:
-            parts.append(str(x))
-    return "-".join(parts)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from conftest import DTYPE_IDS, shape_id  # noqa: F401  (re-exported: the family's tests import them from here)
 from pyfast.reference import sparse as reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 # CPU kernel shapes (B, Hkv, G, Tmax, D, lengths): odd head dims, GQA ratios 1/3/4, lengths
 # differing per sequence.
@@ -97,16 +97,3 @@ def token_mask(block_ids, counts, cache_seqlens, tmax, block_size) -> torch.Tens
             for j in ids:
                 mask[b, h, j * block_size : min((j + 1) * block_size, length)] = True
     return mask
-
-
-def shape_id(case) -> str:
-    """A short test id for a tuple of ints, lists and dtypes."""
-    parts = []
-    for x in case:
-        if isinstance(x, torch.dtype):
-            parts.append(DTYPE_IDS[x])
-        elif isinstance(x, (list, tuple)):
-            parts.append("L" + "_".join(map(str, x)))
-        elif x is not None:
-            parts.append(str(x))
-    return "-".join(parts)
