@@ -143,3 +143,29 @@ def test_table_columns_line_up_with_long_names():
             assert line[end:end + 1] in ("", " "), (col, line)
         assert lines[3][end - 1] != " ", (col, lines[3])  # the long-named row has every column
     assert "TFLOP/s" in rows[1] and "TFLOP/s" not in rows[0] and rows[2]["speedup"] is None
+
+
+def test_hedgehog_composite_baseline_is_hedgehog_attention():
+    """The PyTorch composite the Hedgehog bench compares against computes the same attention (T not a
+    multiple of its chunk)."""
+    from pyfast.bench import hedgehog
+    from pyfast.reference.hedgehog import hedgehog_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=g) for _ in range(3))
+    qw, kw = (torch.randn(2, 16, 8, generator=g) for _ in range(2))
+    qb, kb = (torch.randn(2, 8, generator=g) for _ in range(2))
+    want = hedgehog_attention(q, k, v, qw, kw, qb, kb)
+    torch.testing.assert_close(hedgehog.composite(q, k, v, qw, kw, qb, kb), want, rtol=1e-5, atol=1e-5)
+
+
+def test_hedgehog_cases_cover_every_backend_and_the_baselines():
+    from pyfast.bench import hedgehog
+
+    cases = hedgehog.cases("cpu", quick=True)
+    impls = {(c.op, c.impl) for c in cases}
+    for op in ("hedgehog_attention fwd", "hedgehog_attention fwd+bwd"):
+        assert {(op, "SDPA causal"), (op, "PyTorch chunked composite"), (op, "pyfast cpu")} <= impls
+    assert {("decode step", "pyfast cpu hedgehog_decode"), ("decode step", "pyfast cpu decode_attention")} <= impls
+    assert all(c.flops > 0 for c in cases if c.op.startswith("hedgehog_attention"))
+    assert sum(c.baseline for c in cases) == 3  # one per (op, shape)

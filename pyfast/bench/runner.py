@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("copy", "cherryq", "sparse", "overhead")
+FAMILIES = ("copy", "cherryq", "sparse", "hedgehog", "overhead")
 
 
 @dataclasses.dataclass
@@ -36,6 +36,7 @@ class Case:
     flops: float = 0.0  # floating-point operations of one call (compute-heavy ops: report TFLOP/s); both may be set
     baseline: bool = False
     min_repeats: int = 0  # microsecond-scale cases need many samples for a stable median
+    max_repeats: int = 0  # cases of seconds per call (CPU SDPA at 16k tokens) are capped (0: no cap)
     threads: int | None = None  # CPU threads while timing this case (None: the process default)
 
 
@@ -133,7 +134,7 @@ def run_cases(cases: list[Case], device: str, repeats: int) -> list[dict]:
         threads = torch.get_num_threads()
         torch.set_num_threads(c.threads or threads)
         try:
-            t = time_case(c, device, max(repeats, c.min_repeats))
+            t = time_case(c, device, min(max(repeats, c.min_repeats), c.max_repeats or 1 << 30))
         finally:
             torch.set_num_threads(threads)
         row = {"op": c.op, "shape": c.shape, "impl": c.impl, "baseline": c.baseline, **t}
@@ -284,12 +285,16 @@ def run(args) -> int:
     name = device_name(device)
     out, png = output_paths(args, name)  # before any setup: a bad flag fails fast
     cases: list[Case] = []
-    for fam in families:
-        cases += importlib.import_module(f"pyfast.bench.{fam}").cases(device, args.quick)
+    modules = [importlib.import_module(f"pyfast.bench.{fam}") for fam in families]
+    for mod in modules:
+        cases += mod.cases(device, args.quick)
     rows = run_cases(cases, device, repeats)
     print(f"pyfast {pyfast.__version__} bench on {name} (torch {torch.__version__}, threads {torch.get_num_threads()})")
     print(format_table(rows))
     print("* baseline of its (op, shape): speedup = baseline ms / ms")
+    targets = [line for mod in modules if hasattr(mod, "targets") for line in mod.targets(rows, device)]
+    for line in targets:  # a family's stated targets, checked on this run's rows
+        print("target:", line)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     report = {
         "device": name,
@@ -300,6 +305,7 @@ def run(args) -> int:
         "repeats": repeats,
         "quick": bool(args.quick),
         "rows": rows,
+        "targets": targets,
     }
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
