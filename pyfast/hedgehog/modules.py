@@ -312,4 +312,5 @@ class HedgehogAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"feature_dim={self.feature_dim}, window={self.window}, eps={self.eps}, backend={self.backend!r}")
+                f"feature_dim={self.feature_dim}, feature_map={self.feature_map!r}, window={self.window}, "
+                f"eps={self.eps}, backend={self.backend!r}")
