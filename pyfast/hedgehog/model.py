@@ -7,7 +7,8 @@ Pieces:
     (registered in transformers' AttentionInterface, with the SDPA mask builder in
     AttentionMaskInterface) and, by default, freezes everything but the feature maps (and the
     hybrid's mixing factors). The function runs Hedgehog attention on the post-RoPE q, k, v the
-    model hands it (GQA: k, v with num_key_value_heads heads).
+    model hands it (GQA: k, v with num_key_value_heads heads). feature_map="elu" / "t2r" gives
+    the paper's fixed-nonlinearity baselines instead (same conversion, distillation and cache).
   * `softmax_attention(model)` (a context manager) / `unconvert(model)`: the original softmax
     attention, temporarily (the teacher of distillation) or for good.
   * `distill(model, batches, steps=...)`: the paper's stage 1, attention distillation: the
@@ -53,8 +54,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from pyfast._validate import check_int
-from pyfast.hedgehog.modules import HedgehogAttention
+from pyfast._validate import check_choice, check_int
+from pyfast.hedgehog.modules import FEATURE_MAPS, HedgehogAttention
 
 ATTN_IMPLEMENTATION = "pyfast_hedgehog"
 TEACHER_IMPLEMENTATION = "pyfast_hedgehog_teacher"  # SDPA that also records q, k for distill()
@@ -218,15 +219,17 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(TEACHER_IMPLEMENTATION, sdpa_mask)
 # ---------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------
-def convert(model, *, feature_dim: int | None = None, window: int = 0, backend: str | None = None,
-            train_only_feature_maps: bool = True, eps: float = 1e-6, bias: bool = True):
+def convert(model, *, feature_dim: int | None = None, window: int = 0, feature_map: str = "hedgehog",
+            backend: str | None = None, train_only_feature_maps: bool = True, eps: float = 1e-6, bias: bool = True):
     """Give every self-attention module of `model` a HedgehogAttention (`module.hedgehog`) and switch
     the model to Hedgehog attention (attn_implementation "pyfast_hedgehog"). Returns the model.
 
     model: a transformers Llama-family causal LM (Llama, Qwen2, SmolLM2, ...; GQA) or BERT
     (BertModel, BertForMaskedLM: non-causal). feature_dim: F of the feature maps (default the head
     dim: identity init); window > 0: the LoLCATs sliding-window hybrid (causal models only; see
-    HedgehogAttention); backend: of the pyfast ops (None: the device's default kernels). The
+    HedgehogAttention); feature_map: "hedgehog" (default), or the fixed-nonlinearity baselines
+    "elu" / "t2r" (HedgehogAttention; run through pyfast.linear_attention, window 0 only);
+    backend: of the pyfast ops (None: the device's default kernels). The
     feature maps take the attention projections' dtype and device. With train_only_feature_maps
     every other parameter is frozen (requires_grad False; unconvert() restores the flags).
     Undo with unconvert(model); softmax_attention(model) switches back temporarily.
@@ -242,6 +245,7 @@ def convert(model, *, feature_dim: int | None = None, window: int = 0, backend: 
         'sdpa'
     """
     check_int("pyfast.hedgehog.convert", "window", window, minimum=0)
+    check_choice("pyfast.hedgehog.convert", "feature_map", feature_map, FEATURE_MAPS)
     if getattr(model, _STATE, None) is not None:
         raise ValueError("pyfast.hedgehog.convert: the model is already converted (unconvert it first)")
     modules = attention_modules(model)
@@ -254,8 +258,8 @@ def convert(model, *, feature_dim: int | None = None, window: int = 0, backend: 
     made = []
     for _, m in modules:
         hq, hkv, d, proj = _geometry(m)
-        made.append((m, HedgehogAttention(hq, hkv, d, feature_dim, window=window, eps=eps, bias=bias, backend=backend,
-                                          dtype=proj.dtype, device=proj.device)))
+        made.append((m, HedgehogAttention(hq, hkv, d, feature_dim, window=window, feature_map=feature_map, eps=eps,
+                                          bias=bias, backend=backend, dtype=proj.dtype, device=proj.device)))
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     previous = model.config._attn_implementation
     for m, hh in made:
@@ -327,8 +331,19 @@ def _forward_kwargs(model, batch) -> dict:
     return kw
 
 
+def _record_teacher(model, batch) -> list:
+    """Run the softmax teacher on one batch; (module, q, k, causal, scale, keep) per converted layer."""
+    _CAPTURE.append([])
+    try:
+        with torch.no_grad():
+            model(**_forward_kwargs(model, batch))
+    finally:
+        captured = _CAPTURE.pop()
+    return captured
+
+
 def distill(model, batches, *, steps: int, lr: float = 1e-2, optimizer: torch.optim.Optimizer | None = None,
-            callback=None) -> list[float]:
+            callback=None, reuse_teacher: bool = False) -> list[float]:
     """Attention distillation (the paper's stage 1) of a converted model; returns the loss history.
 
     Per step: one batch (batches: an iterable of input_ids tensors [B, T] or of dicts of model
@@ -337,7 +352,10 @@ def distill(model, batches, *, steps: int, lr: float = 1e-2, optimizer: torch.op
     post-RoPE q, k (and padding) are recorded; then one optimizer step (AdamW(lr), or `optimizer`)
     on the sum over layers of HedgehogAttention.distillation_loss (teacher: those softmax weights).
     Only the HedgehogAttention parameters are trained (the model's weights are untouched).
-    callback(step, loss) is called after every step.
+    callback(step, loss) is called after every step. reuse_teacher: record each batch's q, k once
+    and reuse them when the batches cycle (several epochs over a few batches: the teacher forward
+    is most of a step's time), at the cost of keeping them, per batch, layers x (Hq + Hkv) x T x D
+    floats per sequence.
 
     Example:
         >>> losses = pyfast.hedgehog.distill(model, [ids], steps=10)   # doctest: +SKIP
@@ -353,13 +371,11 @@ def distill(model, batches, *, steps: int, lr: float = 1e-2, optimizer: torch.op
     history = []
     try:
         with _attention_implementation(model, TEACHER_IMPLEMENTATION):
-            for step, batch in zip(range(steps), _cycle(batches)):
-                _CAPTURE.append([])
-                try:
-                    with torch.no_grad():
-                        model(**_forward_kwargs(model, batch))
-                finally:
-                    captured = _CAPTURE.pop()
+            recorded = {}  # batch index -> its teacher q, k (reuse_teacher)
+            for step, (i, batch) in zip(range(steps), _cycle(enumerate(batches))):
+                captured = recorded.get(i) or _record_teacher(model, batch)
+                if reuse_teacher:
+                    recorded[i] = captured
                 loss = sum(m.hedgehog.distillation_loss(q, k, causal=causal, scale=scale, mask=keep)
                            for m, q, k, causal, scale, keep in captured)
                 opt.zero_grad()

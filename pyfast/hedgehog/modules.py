@@ -3,7 +3,8 @@ attention-distillation loss ("The Hedgehog & the Porcupine", ICLR'24; the slidin
 LoLCATs).
 
     HedgehogFeatureMap(H, D, F)     weight [H, D, F], bias [H, F]: x [B, H, T, D] -> phi(x) [B, H, T, 2F]
-    HedgehogAttention(Hq, Hkv, D, F, window=0)
+    HedgehogAttention(Hq, Hkv, D, F, window=0, feature_map="hedgehog")
+                                    ("elu" / "t2r": the paper's fixed-nonlinearity baselines, baselines.py)
         .forward(q, k, v)           pyfast.hedgehog_attention with the module's feature maps
         .decode(q, k, v, state)     pyfast.hedgehog_decode (one token, state updated in place)
         .distillation_loss(q, k)    soft cross-entropy between softmax attention (the teacher) and
@@ -21,18 +22,13 @@ import math
 import torch
 from torch import nn
 
-from pyfast._validate import check_int, check_tensor, fail
-from pyfast.hedgehog.ops import hedgehog_attention, hedgehog_decode, hedgehog_feature_map
+from pyfast._validate import check_choice, check_int, check_tensor, fail
+from pyfast.hedgehog.baselines import FixedFeatureMap
+from pyfast.hedgehog.ops import hedgehog_attention, hedgehog_decode, hedgehog_feature_map, linear_attention
+
+FEATURE_MAPS = ("hedgehog", "elu", "t2r")  # HedgehogAttention(feature_map=...); baselines.py has the last two
 
 _TINY = 1e-30  # floor of a linear-attention weight under the log (float32 keeps it; avoids log(0))
-
-
-def _features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The Hedgehog feature map in plain PyTorch, float32 (the distillation loss's student side)."""
-    u = torch.einsum("bhtd,hdf->bhtf", x.float(), weight.float())
-    if bias is not None:
-        u = u + bias.float()[None, :, None, :]
-    return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -69,6 +65,7 @@ class HedgehogFeatureMap(nn.Module):
         feature_dim = head_dim if feature_dim is None else feature_dim
         check_int("HedgehogFeatureMap", "feature_dim", feature_dim, minimum=1)
         self.num_heads, self.head_dim, self.feature_dim = num_heads, head_dim, feature_dim
+        self.out_features = 2 * feature_dim
         self.backend = backend
         kw = dict(dtype=dtype, device=device)
         self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim, **kw))
@@ -90,6 +87,13 @@ class HedgehogFeatureMap(nn.Module):
         """x [B, H, T, D] -> phi(x) [B, H, T, 2F] in x's dtype."""
         return hedgehog_feature_map(x, self.weight, self.bias, backend=self.backend)
 
+    def features32(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x) in plain PyTorch, float32, differentiable (the distillation loss's student side)."""
+        u = torch.einsum("bhtd,hdf->bhtf", x.float(), self.weight.float())
+        if self.bias is not None:
+            u = u + self.bias.float()[None, :, None, :]
+        return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
+
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, feature_dim={self.feature_dim}, "
                 f"bias={self.bias is not None}, backend={self.backend!r}")
@@ -101,7 +105,13 @@ class HedgehogAttention(nn.Module):
 
     Args:
         num_heads, num_kv_heads, head_dim: Hq, Hkv (Hq % Hkv == 0: GQA) and D.
-        feature_dim: F of both feature maps (default D); states have 2F features.
+        feature_dim: F of both feature maps (default D); states have 2F features (F with "elu").
+        feature_map: "hedgehog" (the learned softmax-mimicking map, fused into the pyfast
+            Hedgehog ops) or a baseline with a fixed nonlinearity after the same learnable linear
+            map (pyfast/hedgehog/baselines.py): "elu" (elu(xW + b) + 1, F features, exactly
+            elu(x) + 1 at init) or "t2r" (relu(xW + b), 2F features, [relu(x), relu(-x)] at init).
+            The baselines' features are computed in PyTorch and fed to pyfast.linear_attention
+            (and its state for decode); they have no sliding-window hybrid (window must be 0).
         window: 0 for pure linear attention; > 0 for the LoLCATs sliding-window hybrid (exact
             softmax over the last `window` keys, linear attention over the older ones; causal only).
         eps: the denominator's epsilon.
@@ -131,8 +141,9 @@ class HedgehogAttention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, feature_dim: int | None = None, *,
-                 window: int = 0, eps: float = 1e-6, bias: bool = True, backend: str | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 window: int = 0, feature_map: str = "hedgehog", eps: float = 1e-6, bias: bool = True,
+                 backend: str | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         super().__init__()
         op = "HedgehogAttention"
         check_int(op, "num_heads", num_heads, minimum=1)
@@ -140,13 +151,20 @@ class HedgehogAttention(nn.Module):
         if num_heads % num_kv_heads:
             fail(op, "num_kv_heads", f"a divisor of num_heads = {num_heads}", num_kv_heads)
         check_int(op, "window", window, minimum=0)
+        check_choice(op, "feature_map", feature_map, FEATURE_MAPS)
+        if window and feature_map != "hedgehog":
+            fail(op, "window", f"0 with feature_map={feature_map!r} (the hybrid op fuses Hedgehog's map only)", window)
         if not (math.isfinite(eps) and eps >= 0):
             fail(op, "eps", "a finite float >= 0", repr(eps))
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.window, self.eps, self._backend = window, float(eps), backend
-        kw = dict(bias=bias, backend=backend, dtype=dtype, device=device)
-        self.q_map = HedgehogFeatureMap(num_heads, head_dim, feature_dim, **kw)
-        self.k_map = HedgehogFeatureMap(num_kv_heads, head_dim, feature_dim, **kw)
+        self.window, self.feature_map, self.eps, self._backend = window, feature_map, float(eps), backend
+        kw = dict(bias=bias, dtype=dtype, device=device)
+        if feature_map == "hedgehog":
+            self.q_map = HedgehogFeatureMap(num_heads, head_dim, feature_dim, backend=backend, **kw)
+            self.k_map = HedgehogFeatureMap(num_kv_heads, head_dim, feature_dim, backend=backend, **kw)
+        else:
+            self.q_map = FixedFeatureMap(feature_map, num_heads, head_dim, feature_dim, **kw)
+            self.k_map = FixedFeatureMap(feature_map, num_kv_heads, head_dim, feature_dim, **kw)
         self.feature_dim = self.q_map.feature_dim
         if window > 0:
             self.window_factor = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device))
@@ -159,8 +177,10 @@ class HedgehogAttention(nn.Module):
 
     @backend.setter
     def backend(self, value: str | None) -> None:
-        """Set the backend of this module and its feature maps."""
-        self._backend = self.q_map.backend = self.k_map.backend = value
+        """Set the backend of this module and its feature maps (the baselines' maps are plain PyTorch)."""
+        self._backend = value
+        if self.feature_map == "hedgehog":
+            self.q_map.backend = self.k_map.backend = value
 
     @property
     def alpha(self) -> torch.Tensor | None:
@@ -185,7 +205,12 @@ class HedgehogAttention(nn.Module):
         """pyfast.hedgehog_attention of q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] with this
         module's feature maps (and window, alpha, beta, eps): out [B, Hq, T, Dv], and with
         return_state (window == 0 only) (out, (S, z)), S [N, Hkv, 2F, Dv], z [N, Hkv, 2F] float32.
-        scale (default 1/sqrt(D)) is the softmax part's, so it only matters with window > 0."""
+        scale (default 1/sqrt(D)) is the softmax part's, so it only matters with window > 0.
+        The baselines: pyfast.linear_attention of their features (S, z then have F' = out_features)."""
+        if self.feature_map != "hedgehog":
+            return linear_attention(self.q_map(q), self.k_map(k), v, causal=causal, eps=self.eps,
+                                    initial_state=initial_state, return_state=return_state, cu_seqlens=cu_seqlens,
+                                    backend=self.backend)
         return hedgehog_attention(q, k, v, *self._weights(), causal=causal, eps=self.eps, initial_state=initial_state,
                                   return_state=return_state, window=self.window, alpha=self.alpha, beta=self.beta,
                                   scale=scale, cu_seqlens=cu_seqlens, backend=self.backend)
@@ -194,10 +219,20 @@ class HedgehogAttention(nn.Module):
         """One token (q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, Dv]) with the recurrent state
         (S [B, Hkv, 2F, Dv], z [B, Hkv, 2F]) float32, updated in place: pyfast.hedgehog_decode.
         window == 0 only (the hybrid's decode needs the last window raw keys, not kept here).
-        The op has no backward: call it under torch.no_grad()."""
+        The op has no backward: call it under torch.no_grad(). The baselines (feature_map "elu",
+        "t2r") take one step of pyfast.linear_attention from the state and copy the new state back
+        into it (S [B, Hkv, F', Dv], z [B, Hkv, F'] with F' = out_features)."""
         if self.window:
             fail("HedgehogAttention.decode", "window", "0 (the sliding-window hybrid has no recurrent decode step)",
                  self.window)
+        if self.feature_map != "hedgehog":
+            s, z = state
+            out, (s1, z1) = linear_attention(self.q_map(q[:, :, None]), self.k_map(k[:, :, None]), v[:, :, None],
+                                             eps=self.eps, initial_state=(s, z), return_state=True,
+                                             backend=self.backend)
+            s.copy_(s1)
+            z.copy_(z1)
+            return out[:, :, 0]
         return hedgehog_decode(q, k, v, *self._weights(), state=state, eps=self.eps, backend=self.backend)
 
     # ------------------------------------------------------------------------------ distillation
@@ -215,8 +250,8 @@ class HedgehogAttention(nn.Module):
         if self.window and not causal:
             fail("HedgehogAttention", "causal", "True with window > 0 (the sliding window is causal)", causal)
         allowed = self._allowed(b, t, causal, mask, q.device)  # [B, 1, T, T]
-        pq = _features(q, self.q_map.weight, self.q_map.bias)
-        pk = _features(k, self.k_map.weight, self.k_map.bias).repeat_interleave(hq // hkv, dim=1)
+        pq = self.q_map.features32(q)
+        pk = self.k_map.features32(k).repeat_interleave(hq // hkv, dim=1)
         lin = (pq @ pk.transpose(-1, -2))  # [B, Hq, T, T]
         if not self.window:
             w = lin.masked_fill(~allowed, 0.0)
@@ -277,4 +312,5 @@ class HedgehogAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"feature_dim={self.feature_dim}, window={self.window}, eps={self.eps}, backend={self.backend!r}")
+                f"feature_dim={self.feature_dim}, feature_map={self.feature_map!r}, window={self.window}, "
+                f"eps={self.eps}, backend={self.backend!r}")

@@ -77,10 +77,19 @@ def _gen(model, ids, n, cache=None, **kw):
 def _spec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     assert attention_mask is None  # no padding: transformers skips the mask
     hh = module.hedgehog
+    if hh.feature_map != "hedgehog":  # the baselines: linear attention of their features, written out
+        phi = [_fixed_phi64(hh.feature_map, x, m.weight, m.bias) for x, m in ((query, hh.q_map), (key, hh.k_map))]
+        out = ref.linear_attention(*phi, value.double(), causal=module.is_causal, eps=hh.eps).to(value.dtype)
+        return out.transpose(1, 2), None
     out = ref.hedgehog_attention(query, key, value, hh.q_map.weight, hh.k_map.weight, hh.q_map.bias, hh.k_map.bias,
                                  causal=module.is_causal, eps=hh.eps, window=hh.window, alpha=hh.alpha, beta=hh.beta,
                                  scale=scaling)
     return out.transpose(1, 2), None
+
+
+def _fixed_phi64(kind, x, weight, bias):
+    u = torch.einsum("bhtd,hdf->bhtf", x.double(), weight.double()) + bias.double()[None, :, None, :]
+    return torch.nn.functional.elu(u) + 1 if kind == "elu" else u.clamp_min(0)
 
 
 ALL_ATTENTION_FUNCTIONS.register("test_hedgehog_spec", _spec_attention)
@@ -333,3 +342,60 @@ def test_pyfast_exports():
     assert pyfast.HedgehogStateCache is HedgehogStateCache
     assert "HedgehogStateCache" in pyfast.__all__ and "convert" in pyfast.hedgehog.__all__
     assert pyfast.hedgehog.convert is convert and pyfast.hedgehog.distill is distill
+
+
+# ----------------------------------------------------------------------------- fixed feature maps (baselines)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "t2r"])
+def test_fixed_feature_map_conversion_runs_linear_attention_and_generates(feature_map):
+    model = convert(_llama(), feature_dim=F_DIM, feature_map=feature_map, backend=BACKEND)
+    mods = hedgehog_modules(model)
+    width = F_DIM if feature_map == "elu" else 2 * F_DIM
+    assert all(hh.feature_map == feature_map and hh.q_map.out_features == width for hh in mods)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if ".hedgehog." in n} and len(trainable) == 2 * 4
+    _randomize_feature_maps(model)
+    ids = _ids(2, 11)
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, _spec_logits(model, ids), rtol=1e-5, atol=1e-5)
+    with softmax_attention(model), torch.no_grad():
+        assert (got - model(ids).logits).abs().max() > 1e-2
+    # greedy tokens through the recurrent state (linear_attention steps) = the full forward's argmax
+    cache = HedgehogStateCache(model)
+    out = _gen(model, ids[:1], 12, cache)
+    assert len(set(out[0, 11:].tolist())) > 3
+    assert torch.equal(_teacher_forced_argmax(model, out)[:, 10:-1], out[:, 11:])
+    assert all(s.shape == (1, 2, width, 16) and z.shape == (1, 2, width) for s, z in cache.states())
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "t2r"])
+def test_distill_trains_the_fixed_feature_maps_linear_part(feature_map):
+    model = convert(_llama(), feature_dim=16, feature_map=feature_map, backend=BACKEND)  # F == D: textbook init
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".hedgehog." not in n}
+    history = distill(model, [_ids(2, 12, seed=s) for s in range(2)], steps=16, lr=1e-2)
+    assert history[-2] < history[0] - 0.05 and history[-1] < history[1] - 0.05, history
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_convert_refuses_a_window_with_a_fixed_feature_map():
+    model = _llama()
+    with pytest.raises(ValueError, match="window"):
+        convert(model, window=4, feature_map="t2r")
+    with pytest.raises(ValueError, match="feature_map"):
+        convert(model, feature_map="cosformer")
+    assert model.config._attn_implementation == "sdpa" and not hedgehog_modules(model)
+
+
+def test_distill_reuse_teacher_runs_the_teacher_once_per_batch(monkeypatch):
+    batches = [_ids(2, 12, seed=s) for s in range(3)]
+    histories, runs = [], []
+    record = hh_model._record_teacher
+    monkeypatch.setattr(hh_model, "_record_teacher", lambda m, b: runs.append(1) or record(m, b))
+    for reuse in (False, True):
+        runs.clear()
+        model = convert(_llama(), feature_dim=F_DIM, backend=BACKEND)
+        histories.append(distill(model, batches, steps=7, lr=1e-2, reuse_teacher=reuse))
+        assert len(runs) == (3 if reuse else 7)
+    assert histories[0] == pytest.approx(histories[1], rel=1e-6)  # the same teacher q, k either way

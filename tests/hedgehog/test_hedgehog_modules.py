@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pyfast
+from pyfast.hedgehog.baselines import FixedFeatureMap
 from pyfast.reference import hedgehog as ref
 from pyfast.testing import assert_close
 
@@ -259,3 +260,62 @@ def test_distillation_decreases_the_loss(window):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+# ----------------------------------------------------------------------------- fixed-nonlinearity baselines
+
+
+def _fixed_phi64(kind, x, weight, bias):
+    """The baselines' features in float64, written out: elu(u) + 1 or relu(u), u = x W_h + b_h."""
+    u = torch.einsum("bhtd,hdf->bhtf", x.double(), weight.double()) + bias.double()[None, :, None, :]
+    return torch.nn.functional.elu(u) + 1 if kind == "elu" else u.clamp_min(0)
+
+
+def test_fixed_feature_maps_start_at_their_textbook_form():
+    x = torch.randn(2, 3, 5, 8)
+    elu = FixedFeatureMap("elu", 3, 8)
+    assert elu.out_features == 8 and elu.weight.shape == (3, 8, 8)
+    assert_close(elu(x), torch.nn.functional.elu(x) + 1, 1e-6, "elu(x) + 1")
+    t2r = FixedFeatureMap("t2r", 3, 8)
+    assert t2r.out_features == 16 and t2r.weight.shape == (3, 8, 16)
+    assert torch.equal(t2r(x), torch.cat([x.relu(), (-x).relu()], -1))
+    small = FixedFeatureMap("t2r", 3, 8, 4, bias=False)  # F != D: small random, no bias
+    assert small.bias is None and small.out_features == 8 and 0 < small.weight.abs().max() <= 1 / math.sqrt(8)
+    with pytest.raises(ValueError, match="kind"):
+        FixedFeatureMap("cos", 3, 8)
+
+
+@pytest.mark.parametrize("kind", ["elu", "t2r"])
+def test_attention_with_fixed_feature_map_is_linear_attention_of_its_features(kind):
+    attn = _randomize(pyfast.HedgehogAttention(4, 2, 8, 5, feature_map=kind, backend=BACKEND))
+    width = 5 if kind == "elu" else 10
+    q, k, v = _qkv(b=1, t=9)
+    w = (attn.q_map.weight, attn.q_map.bias), (attn.k_map.weight, attn.k_map.bias)
+    pq, pk = _fixed_phi64(kind, q, *w[0]), _fixed_phi64(kind, k, *w[1])
+    for causal in (True, False):
+        got, (s, z) = attn(q, k, v, causal=causal, return_state=True)
+        want, (s_w, _) = ref.linear_attention(pq, pk, v.double(), causal=causal, return_state=True)
+        assert_close(got, want, TOL, f"{kind} causal={causal}")
+        assert s.shape == (1, 2, width, 6) and z.shape == (1, 2, width)
+        assert_close(s, s_w, TOL, "S")
+    # the weights the distillation loss sees reproduce the output
+    a = attn.attention_weights(q, k)
+    assert_close(a @ v.repeat_interleave(2, dim=1), attn(q, k, v), TOL, "attention_weights")
+    # decode: one step from the state after 8 tokens, state updated in place
+    _, (s8, z8) = attn(q[:, :, :8], k[:, :, :8], v[:, :, :8], return_state=True)
+    with torch.no_grad():
+        y = attn.decode(q[:, :, 8], k[:, :, 8], v[:, :, 8], (s8, z8))
+    full, (s9, z9) = attn(q, k, v, return_state=True)
+    assert_close(y, full[:, :, 8], TOL, "decode")
+    assert_close(s8, s9, TOL, "S updated in place")
+    assert_close(z8, z9, TOL, "z updated in place")
+    # gradients reach the map's parameters through the op
+    attn(q, k, v).pow(2).sum().backward()
+    assert attn.q_map.weight.grad.abs().sum() > 0 and attn.k_map.bias.grad.abs().sum() > 0
+
+
+def test_fixed_feature_map_refuses_the_window_and_unknown_maps():
+    with pytest.raises(ValueError, match="window"):
+        pyfast.HedgehogAttention(4, 2, 8, window=3, feature_map="elu")
+    with pytest.raises(ValueError, match="feature_map"):
+        pyfast.HedgehogAttention(4, 2, 8, feature_map="performer")
