@@ -11,6 +11,8 @@
 // kernels (csrc/emu/emu_module.cpp), so both bind the same list.
 #define PYFAST_CUDA_ENTRY_POINTS(X)                                                                 \
   X(cherryq, cherryq_matmul_cuda)                                                                    \
+  X(hedgehog, hedgehog_attention_cuda)                                                               \
+  X(hedgehog, hedgehog_decode_cuda)                                                                  \
   X(sparse, append_kv_cuda)                                                                          \
   X(sparse, decode_attention_cuda)                                                                   \
   X(sparse, sparse_decode_attention_cuda)
@@ -66,6 +68,18 @@ at::Tensor hedgehog_decode_cpu(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& q_weight, const at::Tensor& k_weight,
                                const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& k_bias,
                                const at::Tensor& S, const at::Tensor& z, double eps);  // S, z updated in place
+// CUDA (csrc/hedgehog/hedgehog_cuda_host.cpp): the forward for window 0 and float16 / bfloat16
+// only (the registry sends the rest elsewhere); same arguments and results as the CPU entry points.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hedgehog_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
+    const at::Tensor& k_weight, const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& k_bias,
+    bool causal, double eps, const c10::optional<at::Tensor>& initial_S, const c10::optional<at::Tensor>& initial_z,
+    int64_t window, const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
+    c10::optional<double> scale, const c10::optional<at::Tensor>& cu_seqlens);
+at::Tensor hedgehog_decode_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& k_bias,
+                                const at::Tensor& S, const at::Tensor& z, double eps);
 // Backward (csrc/hedgehog/hedgehog_cpu_backward.cpp) of hedgehog_attention / linear_attention
 // (grad_S, grad_z: gradients of the returned state, absent when not needed), then every forward
 // argument in schema order. Returns {dq, dk, dv, dq_weight, dk_weight, dq_bias, dk_bias,

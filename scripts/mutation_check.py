@@ -59,13 +59,27 @@ MUTANTS = [
      "softmax in base 2 without the log2(e) factor"),
     ("sparse/sparse_cuda.cu", "const int64_t fill = std::min(nb, ceil_div64(p.Tn, p.block_size));",
      "const int64_t fill = std::min(nb, p.Tn / p.block_size);", "append: too few block-mean CTAs"),
+    # hedgehog: fused forward, decode step
+    ("hedgehog/hedgehog_chunk.cuh", "c[i] = key <= q ? c[i] : 0.0f;", "c[i] = key < q ? c[i] : 0.0f;",
+     "causal mask drops the diagonal (key == query)"),
+    ("hedgehog/hedgehog_chunk.cuh", "    __syncthreads();  // pk_s, st_s (and vt_s) complete", "    // (barrier removed)",
+     "missing barrier before the phi_k / S tiles are read"),
+    ("hedgehog/hedgehog_chunk.cuh", "phi[1][j][i] = on ? expf(-u[j][i] - st.mn[r])",
+     "phi[1][j][i] = on ? expf(u[j][i] - st.mn[r])", "softmax(-u) features with the wrong sign"),
+    ("hedgehog/hedgehog_chunk.cuh", "ks.nrow = len - r0;", "ks.nrow = len - r0 + 1;",
+     "off-by-one: the key after the sequence end enters the state"),
+    ("hedgehog/hedgehog_decode.cuh", "            S[static_cast<int64_t>(f) * a.Dv + c] = s;", "",
+     "decode: the state update is not stored"),
+    ("hedgehog/hedgehog_decode.cuh", "for (int w = 1; w < kDecodeWarps; ++w) {", "for (int w = 1; w < kDecodeWarps - 1; ++w) {",
+     "decode: block reduction skips the last warp"),
     # shared device helpers
     ("common/cuda_dtype.cuh", "f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);",
      "f[2 * i + 1] = __uint_as_float(w[i] & 0x7FFF0000u);", "bf16 unpack drops the sign of odd elements"),
 ]
 
 # The emulated tests that run for a mutant of each folder (in this order; -x stops at the first failure).
-FAMILY_TESTS = {"cherryq": ["tests/cherryq"], "sparse": ["tests/sparse"], "common": ["tests/sparse", "tests/cherryq"]}
+FAMILY_TESTS = {"cherryq": ["tests/cherryq"], "sparse": ["tests/sparse"], "hedgehog": ["tests/hedgehog"],
+                "common": ["tests/sparse", "tests/cherryq"]}
 
 
 def _copy_tree(scratch: Path) -> None:

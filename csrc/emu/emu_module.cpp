@@ -164,11 +164,11 @@ void raise_pending(const std::string& context) {
 
 // The checked call of one entry point: two runs with different poison, results compared bitwise,
 // the written arguments copied back from the second run, its result returned. `fn` takes the
-// guarded arguments and returns the op's result (an undefined tensor for in-place ops).
+// guarded arguments and returns the op's results (none for in-place ops).
 template <typename F, typename... Args>
-at::Tensor call_checked(const char* name, uint64_t written, const F& fn, const Args&... args) {
+std::vector<at::Tensor> call_checked(const char* name, uint64_t written, const F& fn, const Args&... args) {
   std::vector<std::vector<char>> seen[2];
-  at::Tensor result[2];
+  std::vector<at::Tensor> result[2];
   Copies copies[2];
   const unsigned char shared_poison[2] = {0xFF, 0x7F}, global_poison[2] = {0xA5, 0x5A};
   for (int run = 0; run < 2; ++run) {
@@ -194,7 +194,7 @@ at::Tensor call_checked(const char* name, uint64_t written, const F& fn, const A
                   " wrote to an argument it only reads");
       seen[run].push_back(bytes_of(e.copy));
     }
-    seen[run].push_back(bytes_of(result[run]));
+    for (const at::Tensor& r : result[run]) seen[run].push_back(bytes_of(r));
   }
   TORCH_CHECK(seen[0] == seen[1], "pyfast_cuda_emu: ", name,
               ": the results depend on uninitialised memory (they differ between two runs with different "
@@ -213,21 +213,35 @@ uint64_t written_mask(const std::string& op) {
   return mask;
 }
 
+// An entry point's result as a list of tensors (void: none; a tuple: its elements).
+inline std::vector<at::Tensor> as_list(const at::Tensor& t) { return {t}; }
+template <typename... T>
+std::vector<at::Tensor> as_list(const std::tuple<T...>& t) {
+  return std::apply([](const auto&... x) { return std::vector<at::Tensor>{x...}; }, t);
+}
+
 // Binds `fn` as a checked call; `written`: bit i set if argument i is written.
 template <typename Ret, typename... Args>
 void bind_checked(pybind11::module_& m, const char* name, Ret (*fn)(Args...), uint64_t written) {
-  auto run = [fn](std::decay_t<Args>... a) -> at::Tensor {
+  auto run = [fn](std::decay_t<Args>... a) -> std::vector<at::Tensor> {
     if constexpr (std::is_void_v<Ret>) {
       fn(a...);
       return {};
     } else {
-      return fn(a...);
+      return as_list(fn(a...));
     }
   };
   m.def(name, [name, written, run](std::decay_t<Args>... args) -> pybind11::object {
-    at::Tensor out = call_checked(name, written, run, args...);
-    if constexpr (std::is_void_v<Ret>) return pybind11::none();
-    else return pybind11::cast(out);
+    std::vector<at::Tensor> out = call_checked(name, written, run, args...);
+    if constexpr (std::is_void_v<Ret>) {
+      return pybind11::none();
+    } else if constexpr (std::is_same_v<Ret, at::Tensor>) {
+      return pybind11::cast(out[0]);
+    } else {
+      pybind11::tuple items(out.size());  // as pybind11 casts the std::tuple of the real module
+      for (size_t i = 0; i < out.size(); ++i) items[i] = pybind11::cast(out[i]);
+      return items;
+    }
   });
 }
 

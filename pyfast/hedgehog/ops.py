@@ -4,7 +4,8 @@ ops) and hedgehog_decode.
 Each op is declared once in the op registry (pyfast/_registry.py) below: its rules (one helper per
 concept), fake impl, autograd and backends. The public functions bind the Python arguments (the
 (S, z) state tuple, defaults) and call the op. Implementations: "cpu" (csrc/hedgehog/*.cpp),
-"reference" (pyfast/reference/hedgehog.py, float64). The exact math and layouts:
+"cuda" (csrc/hedgehog/hedgehog_cuda.cu: the decode step, and the fused forward for window 0 in
+float16 / bfloat16, see cuda_unsupported), "reference" (pyfast/reference/hedgehog.py, float64). The exact math and layouts:
 pyfast/reference/hedgehog.py.
 
 The attention ops always return (out, S, z): the final state, float32, one per sequence (or per
@@ -109,6 +110,63 @@ def check_window(op: str, window: int, causal: bool, s0, alpha, beta, hq: int) -
     for name, t in (("alpha", alpha), ("beta", beta)):
         if t is not None:
             check_tensor(op, name, t, dtypes=_F32, shape=(hq,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA C++ kernels' coverage and the default rule on CUDA tensors
+# ---------------------------------------------------------------------------------------------
+CUDA_MAX_FEATURES = 256  # F of the CUDA C++ kernels (decode: one thread per feature)
+CUDA_MAX_GRID_YZ = 65535  # their launchers put heads and sequences on grid axes y / z
+
+
+def cuda_unsupported(op: str, args) -> tuple[type, str, str, object] | None:
+    """Why the CUDA C++ kernel of `op` (hedgehog_attention or hedgehog_decode) does not take these
+    schema-order arguments, as (exception type, argument, expected, got); None when it does. The
+    fused forward is float16 / bfloat16 tensor-core code for window 0 (float32 stays exact on
+    Triton; the window hybrid is Triton's)."""
+    q, k, q_weight = args[0], args[1], args[3]
+    f = q_weight.shape[2]
+    if f > CUDA_MAX_FEATURES:
+        return ValueError, "q_weight.shape[2] (F)", f"<= {CUDA_MAX_FEATURES} with backend='cuda'", f
+    if op == DECODE:
+        heads, grid = max(q.shape[0], k.shape[1]), "max(B, Hkv)"
+    else:
+        if q.dtype == torch.float32:
+            return TypeError, "q", "float16 or bfloat16 with backend='cuda' (float32 runs on 'triton')", q.dtype
+        if args[11] > 0:
+            return ValueError, "window", "0 with backend='cuda' (the hybrid runs on 'triton')", args[11]
+        n = q.shape[0] if args[15] is None else args[15].shape[0] - 1
+        heads, grid = max(q.shape[1], n), "max(Hq, N)"
+    if heads > CUDA_MAX_GRID_YZ:
+        return ValueError, grid, f"<= {CUDA_MAX_GRID_YZ} with backend='cuda'", heads
+    return None
+
+
+def _cuda_kernel(op: str, entry: str):
+    """The CUDA entry point `entry`, refusing (with the registry's error) what it does not cover."""
+    kernel = _ops.kernel(entry)
+
+    def run(*args):
+        why = cuda_unsupported(op, args)
+        if why is not None:
+            exc, name, expected, got = why
+            (fail_type if exc is TypeError else fail)(op, name, expected, got)
+        return kernel(*args)
+
+    return run
+
+
+def _default_cuda(op: str, covers=lambda args: False):
+    """backend=None on CUDA tensors for op `op`: its CUDA C++ kernel where the build has one that
+    `covers` the arguments, else Triton (if `op` has it)."""
+
+    def pick(*args):
+        impls = _registry.REGISTRY[op].impls
+        if "cuda" in impls and _ops.has_cuda_kernels() and covers(args):
+            return "cuda"
+        return "triton" if "triton" in impls else "cuda"
+
+    return pick
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +353,8 @@ def _check_grads(op: str, grad_out, grad_S, grad_z, fwd_args, checked) -> None:
         check_tensor(op, "grad_z", grad_z, dtypes=_F32, shape=(n, hkv, width))
 
 
-def _define_attention(name: str, args_schema: str, check, fake, tensors, cpu_entry, ref_forward, differentiable):
+def _define_attention(name: str, args_schema: str, check, fake, tensors, cpu_entry, ref_forward, differentiable,
+                      cuda: dict | None = None):
     """The forward op `name` and its backward op `name`_backward (autograd of the forward calls the
     backward op with the forward's backend)."""
     n_out = len(tensors)
@@ -311,6 +370,7 @@ def _define_attention(name: str, args_schema: str, check, fake, tensors, cpu_ent
         check_data=lambda *a: check_cu_seqlens_values(bwd_name, a[-1], a[3].shape[2]),
         fake=lambda grad_out, grad_S, grad_z, *fwd: _grad_fake(fwd, [fwd[i] for i in tensors]),
         impls={"cpu": _cpu_backward(f"{cpu_entry}_backward_cpu"), "reference": _reference_backward(ref_forward, tensors)},
+        default_cuda=_default_cuda(bwd_name),
     ))
 
     def setup_context(ctx, inputs, output):
@@ -324,7 +384,9 @@ def _define_attention(name: str, args_schema: str, check, fake, tensors, cpu_ent
             grad_out = torch.zeros(*fwd[0].shape[:3], fwd[2].shape[3], dtype=fwd[2].dtype, device=fwd[2].device)
         if grad_S is not None and grad_S.numel() == 0:
             grad_S = grad_z = None
-        grads = backward_op.overload(grad_out, grad_S, grad_z, *fwd, backend=getattr(ctx, "backend", None))
+        backend = getattr(ctx, "backend", None)  # the forward's, where the backward op has it (else its default)
+        backend = backend if backend in backward_op.impls else None
+        grads = backward_op.overload(grad_out, grad_S, grad_z, *fwd, backend=backend)
         result = [None] * len(fwd)
         for i, g in zip(tensors, grads):
             if fwd[i] is not None and ctx.needs_input_grad[i]:
@@ -339,7 +401,8 @@ def _define_attention(name: str, args_schema: str, check, fake, tensors, cpu_ent
         fake=fake,
         autograd=_registry.Autograd(backward, setup_context),
         differentiable=differentiable,
-        impls={"cpu": _ops.kernel(f"{cpu_entry}_cpu"), "reference": ref_forward},
+        impls={"cpu": _ops.kernel(f"{cpu_entry}_cpu"), **(cuda or {}), "reference": ref_forward},
+        default_cuda=_default_cuda(name, lambda args: cuda is not None and cuda_unsupported(name, args) is None),
     ))
 
 
@@ -348,7 +411,7 @@ LINEAR_OP = _define_attention(LINEAR, LINEAR_ARGS, _check_linear, _fake_linear, 
 HEDGEHOG_OP = _define_attention(HEDGEHOG, HEDGEHOG_ARGS, _check_hedgehog, _fake_hedgehog, HEDGEHOG_TENSORS,
                                 "hedgehog_attention", _reference_hedgehog,
                                 ("q", "k", "v", "q_weight", "k_weight", "q_bias", "k_bias", "initial_S", "initial_z",
-                                 "alpha", "beta"))
+                                 "alpha", "beta"), cuda={"cuda": _cuda_kernel(HEDGEHOG, "hedgehog_attention_cuda")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +452,9 @@ DECODE_OP = _registry.define(_registry.OpDef(
            "Tensor(a!) S, Tensor(b!) z, float eps) -> Tensor",
     check=_check_decode,
     fake=lambda q, k, v, *rest: v.new_empty((*q.shape[:2], v.shape[2])),
-    impls={"cpu": _ops.kernel("hedgehog_decode_cpu"), "reference": _reference_decode},
+    impls={"cpu": _ops.kernel("hedgehog_decode_cpu"), "cuda": _cuda_kernel(DECODE, "hedgehog_decode_cuda"),
+           "reference": _reference_decode},
+    default_cuda=_default_cuda(DECODE, lambda args: cuda_unsupported(DECODE, args) is None),
 ))
 
 
