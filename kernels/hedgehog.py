@@ -668,6 +668,12 @@ def _precision(dtype: torch.dtype, target: Target) -> dict:
                 UPCAST=target.interpreted and dtype == torch.bfloat16)
 
 
+def _dense(t):
+    """A state-like tensor (S, z, their gradients, alpha, beta) as the kernels index it: contiguous
+    (autograd may hand over expanded gradients with zero strides); None stays None."""
+    return None if t is None else t.contiguous()
+
+
 def _common(q, k, v, cu_seqlens):
     """(q, k, v with unit last strides, N, cu or a dummy pointer, VARLEN)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -693,6 +699,7 @@ def _plan_forward(q, k, v, fmap, causal, eps, s0, z0, cu_seqlens, window, alpha,
     B, Hq, T, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     q, k, v, N, cu, varlen = _common(q, k, v, cu_seqlens)
+    s0, z0, alpha, beta = _dense(s0), _dense(z0), _dense(alpha), _dense(beta)
     wq, wk, bq, bk, D, F, biases = _feature_args(fmap, q)
     fw = F if fmap is None else 2 * F
     tiles = _tiles(D, F, Dv, target)
@@ -762,6 +769,7 @@ def _plan_backward(grad_out, grad_S, grad_z, q, k, v, fmap, causal, eps, s0, z0,
     Hkv, Dv = k.shape[1], v.shape[3]
     q, k, v, N, cu, varlen = _common(q, k, v, cu_seqlens)
     grad_out = _unit_last(grad_out)
+    grad_S, grad_z, s0, z0 = _dense(grad_S), _dense(grad_z), _dense(s0), _dense(z0)
     wq, wk, bq, bk, D, F, biases = _feature_args(fmap, q)
     fw = F if fmap is None else 2 * F
     tiles = _tiles(D, F, Dv, target)
