@@ -117,19 +117,34 @@ def _half_softmax(u, m_f):
 
 
 @triton.jit
-def _features(p_x, s_xt, o_t, m_t, p_w, p_b, F: tl.constexpr, D: tl.constexpr, FMAP: tl.constexpr,
-              HAS_BIAS: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _weights(p_w, p_b, F: tl.constexpr, D: tl.constexpr, FMAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BD: tl.constexpr, BF: tl.constexpr):
+    """A head's feature-map weight [BD, BF] (input dtype) and bias [BF] (fp32, zero without one),
+    loaded once per program: reloading them per chunk keeps their address tiles live across the
+    loop, which alone took most of the registers (bench/triton_aot.py)."""
+    o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
+    m_f = o_f < F
+    if FMAP:
+        b_w = tl.load(p_w + o_d[:, None] * F + o_f[None, :], mask=(o_d < D)[:, None] & m_f[None, :], other=0)
+    else:
+        b_w = tl.zeros([BD, BF], dtype=tl.float32)
+    if HAS_BIAS:
+        b_b = tl.load(p_b + o_f, mask=m_f, other=0).to(tl.float32)
+    else:
+        b_b = tl.zeros([BF], dtype=tl.float32)
+    return b_w, b_b
+
+
+@triton.jit
+def _features(p_x, s_xt, o_t, m_t, b_w, b_b, F: tl.constexpr, D: tl.constexpr, FMAP: tl.constexpr,
+              BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """(x, p, n) of tokens o_t: with FMAP, x the raw [BT, BD] rows and p, n = softmax(+-(x W + b))
     [BT, BF] (rows past m_t zero: a masked x row would still get softmax(b)); else p = the given
     features [BT, BF] (F wide) and x, n = p (unused)."""
     if FMAP:
         b_x = _load_rows(p_x, s_xt, o_t, m_t, D, BD)
-        o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
-        m_f = o_f < F
-        b_w = tl.load(p_w + o_d[:, None] * F + o_f[None, :], mask=(o_d < D)[:, None] & m_f[None, :], other=0)
-        b_u = _mm(b_x, b_w, p_x, True, PREC, UPCAST)  # [BT, BD] @ [BD, BF] -> [BT, BF]
-        if HAS_BIAS:
-            b_u += tl.load(p_b + o_f, mask=m_f, other=0).to(tl.float32)[None, :]
+        m_f = tl.arange(0, BF) < F
+        b_u = _mm(b_x, b_w, p_x, True, PREC, UPCAST) + b_b[None, :]  # [BT, BD] @ [BD, BF] -> [BT, BF]
         b_p = tl.where(m_t[:, None], _half_softmax(b_u, m_f), 0.0)
         b_n = tl.where(m_t[:, None], _half_softmax(-b_u, m_f), 0.0)
     else:
@@ -140,16 +155,12 @@ def _features(p_x, s_xt, o_t, m_t, p_w, p_b, F: tl.constexpr, D: tl.constexpr, F
 
 
 @triton.jit
-def _features_backward(b_x, b_p, b_n, b_dp, b_dn, p_w, F: tl.constexpr, D: tl.constexpr, FMAP: tl.constexpr,
-                       BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+def _features_backward(b_x, b_p, b_n, b_dp, b_dn, b_w, FMAP: tl.constexpr, PREC: tl.constexpr):
     """(dx, du) for feature gradients (dp, dn): du = p (dp - p.dp) - n (dn - n.dn), dx = du W^T
     (fp32; x-less linear attention: dx = dp, du unused)."""
     if FMAP:
         b_du = b_p * (b_dp - tl.sum(b_p * b_dp, axis=1)[:, None]) - b_n * (b_dn - tl.sum(b_n * b_dn, axis=1)[:, None])
-        o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
-        b_w = tl.load(p_w + o_d[:, None] * F + o_f[None, :], mask=(o_d < D)[:, None] & (o_f < F)[None, :],
-                      other=0).to(tl.float32)
-        b_dx = tl.dot(b_du, tl.trans(b_w), input_precision=PREC)  # [BT, BF] @ [BF, BD] -> [BT, BD]
+        b_dx = tl.dot(b_du, tl.trans(b_w.to(tl.float32)), input_precision=PREC)  # [BT, BF] @ [BF, BD] -> [BT, BD]
     else:
         b_du = b_dp
         b_dx = b_dp
@@ -271,8 +282,8 @@ def _fwd_kernel(
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh + i_v * BV
     p_o = out + i_b * s_ob + i_h.to(tl.int64) * s_oh + i_v * BV
-    p_wq, p_wk = wq + i_h * D * F, wk + i_j * D * F
-    p_bq, p_bk = bq + i_h * F, bk + i_j * F
+    b_wq, b_bq = _weights(wq + i_h * D * F, bq + i_h * F, F, D, FMAP, HAS_QB, BD, BF)
+    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, FMAP, HAS_KB, BD, BF)
     o_state = (i_n * hkv + i_j).to(tl.int64) * FW
     if HAS_S0:
         b_sp, b_sn, b_zp, b_zn = _load_state(s0 + o_state * DV, z0 + o_state, o_v, DV, F, FMAP, BF)
@@ -286,16 +297,16 @@ def _fwd_kernel(
         for c in range(0, n_chunks):
             o_t = bos + c * BT + o_i
             m_t = o_t < eos
-            _, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, p_wk, p_bk, F, D, FMAP, HAS_KB, BD, BF, PREC, UPCAST)
+            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
             b_v = _load_rows(p_v, s_vt, o_t, m_t, DV - i_v * BV, BV)
             b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, v, FMAP, PREC, UPCAST)
     for c in range(0, n_chunks):
         o_t = bos + c * BT + o_i
         m_t = o_t < eos
-        _, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, p_wq, p_bq, F, D, FMAP, HAS_QB, BD, BF, PREC, UPCAST)
+        b_qx, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, b_wq, b_bq, F, D, FMAP, BD, BF, PREC, UPCAST)
         b_num, b_den = _inter(b_qp, b_qn, b_sp, b_sn, b_zp, b_zn, v, FMAP, PREC, UPCAST)
         if CAUSAL:
-            _, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, p_wk, p_bk, F, D, FMAP, HAS_KB, BD, BF, PREC, UPCAST)
+            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
             b_v = _load_rows(p_v, s_vt, o_t, m_t, DV - i_v * BV, BV)
             b_a = _scores(b_qp, b_qn, b_kp, b_kn, v, FMAP, PREC, UPCAST)
             b_a = tl.where(o_i[:, None] >= o_i[None, :], b_a, 0.0)  # keys s <= t of the chunk
@@ -328,8 +339,8 @@ def _hybrid_kernel(
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh + i_v * BV
     p_o = out + i_b * s_ob + i_h.to(tl.int64) * s_oh + i_v * BV
-    p_wq, p_wk = wq + i_h * D * F, wk + i_j * D * F
-    p_bq, p_bk = bq + i_h * F, bk + i_j * F
+    b_wq, b_bq = _weights(wq + i_h * D * F, bq + i_h * F, F, D, True, HAS_QB, BD, BF)
+    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, True, HAS_KB, BD, BF)
     b_al, b_be = tl.load(alpha + i_h), tl.load(beta + i_h)
     b_sp = tl.zeros([BF, BV], dtype=tl.float32)
     b_sn = tl.zeros([BF, BV], dtype=tl.float32)
@@ -343,12 +354,12 @@ def _hybrid_kernel(
         lo = tl.maximum(c * BT - WINDOW + 1, 0) // BT
         for kc in range(n_done, lo):
             o_s = bos + kc * BT + o_i
-            _, b_kp, b_kn = _features(p_k, s_kt, o_s, o_s < eos, p_wk, p_bk, F, D, True, HAS_KB, BD, BF, PREC,
+            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_s, o_s < eos, b_wk, b_bk, F, D, True, BD, BF, PREC,
                                       UPCAST)
             b_v = _load_rows(p_v, s_vt, o_s, o_s < eos, DV - i_v * BV, BV)
             b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, v, True, PREC, UPCAST)
         n_done = tl.maximum(n_done, lo)
-        b_x, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, p_wq, p_bq, F, D, True, HAS_QB, BD, BF, PREC, UPCAST)
+        b_x, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, b_wq, b_bq, F, D, True, BD, BF, PREC, UPCAST)
         b_num_l, b_den_l = _inter(b_qp, b_qn, b_sp, b_sn, b_zp, b_zn, v, True, PREC, UPCAST)
         b_m = tl.full([BT], float("-inf"), dtype=tl.float32)  # running band max (base 2)
         b_num_e = tl.zeros([BT, BV], dtype=tl.float32)
@@ -356,7 +367,7 @@ def _hybrid_kernel(
         for kc in range(lo, c + 1):
             o_s = bos + kc * BT + o_i
             m_s = o_s < eos
-            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_s, m_s, p_wk, p_bk, F, D, True, HAS_KB, BD, BF, PREC, UPCAST)
+            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_s, m_s, b_wk, b_bk, F, D, True, BD, BF, PREC, UPCAST)
             b_v = _load_rows(p_v, s_vt, o_s, m_s, DV - i_v * BV, BV)
             o_d = o_t[:, None] - o_s[None, :]  # t - s
             m_lin = o_d >= WINDOW
@@ -401,7 +412,7 @@ def _states_kernel(
     o_i = tl.arange(0, BT)
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh + i_v * BV
-    p_wk, p_bk = wk + i_j * D * F, bk + i_j * F
+    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, FMAP, HAS_KB, BD, BF)
     if HAS_S0:
         o_state = (i_n * hkv + i_j).to(tl.int64) * FW
         b_sp, b_sn, b_zp, b_zn = _load_state(s0 + o_state * DV, z0 + o_state, o_v, DV, F, FMAP, BF)
@@ -417,7 +428,7 @@ def _states_kernel(
             _store_state(slots_s + o_slot * DV, slots_z + o_slot, o_v, b_sp, b_sn, b_zp, b_zn, i_v == 0, DV, F, FMAP, BF)
         o_t = bos + c * BT + o_i
         m_t = o_t < eos
-        _, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, p_wk, p_bk, F, D, FMAP, HAS_KB, BD, BF, PREC, UPCAST)
+        b_kx, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
         b_v = _load_rows(p_v, s_vt, o_t, m_t, DV - i_v * BV, BV)
         b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, v, FMAP, PREC, UPCAST)
     if not CAUSAL:
@@ -454,15 +465,15 @@ def _bwd_q_kernel(
     p_dq = dq + (i_b * hq + i_h).to(tl.int64) * T * DQ
     p_r = rr + (i_b * hq + i_h).to(tl.int64) * T
     p_kk = kk + (i_b * hq + i_h).to(tl.int64) * T
-    p_wq, p_wk = wq + i_h * D * F, wk + i_j * D * F
-    p_bq, p_bk = bq + i_h * F, bk + i_j * F
+    b_wq, b_bq = _weights(wq + i_h * D * F, bq + i_h * F, F, D, FMAP, HAS_QB, BD, BF)
+    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, FMAP, HAS_KB, BD, BF)
     b_dw = tl.zeros([BD, BF], dtype=tl.float32)
     b_db = tl.zeros([BF], dtype=tl.float32)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         o_t = bos + c * BT + o_i
         m_t = o_t < eos
         o_slot = ((base + (c if CAUSAL else 0)) * hkv + i_j).to(tl.int64) * FW
-        b_x, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, p_wq, p_bq, F, D, FMAP, HAS_QB, BD, BF, PREC, UPCAST)
+        b_x, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, b_wq, b_bq, F, D, FMAP, BD, BF, PREC, UPCAST)
         b_zp = tl.load(slots_z + o_slot + o_f, mask=o_f < F, other=0)
         b_den = tl.sum(b_qp * b_zp[None, :], axis=1)
         if FMAP:
@@ -471,7 +482,7 @@ def _bwd_q_kernel(
         else:
             b_zn = b_zp
         if CAUSAL:
-            _, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, p_wk, p_bk, F, D, FMAP, HAS_KB, BD, BF, PREC, UPCAST)
+            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
             b_m = tl.where(o_i[:, None] >= o_i[None, :], _scores(b_qp, b_qn, b_kp, b_kn, v, FMAP, PREC, UPCAST), 0.0)
             b_den += tl.sum(b_m, axis=1)
         # R = G S^T and P0 = G V^T, over the Dv tiles.
@@ -481,7 +492,7 @@ def _bwd_q_kernel(
         for v0 in range(0, DV, BV):
             o_v = v0 + tl.arange(0, BV)
             b_g = _load_rows(p_g + v0, s_gt, o_t, m_t, DV - v0, BV)
-            b_sp, b_sn, _, _ = _load_state(slots_s + o_slot * DV, slots_z, o_v, DV, F, FMAP, BF)
+            b_sp, b_sn, b_tzp, b_tzn = _load_state(slots_s + o_slot * DV, slots_z, o_v, DV, F, FMAP, BF)
             b_rp += _mm(b_g, tl.trans(b_sp), v, False, PREC, UPCAST)  # [BT, BV] @ [BV, BF] -> [BT, BF]
             if FMAP:
                 b_rn += _mm(b_g, tl.trans(b_sn), v, False, PREC, UPCAST)
@@ -505,7 +516,7 @@ def _bwd_q_kernel(
             b_dqp += _mm(b_pm, b_kp, v, False, PREC, UPCAST)  # [BT, BT] @ [BT, BF] -> [BT, BF]
             if FMAP:
                 b_dqn += _mm(b_pm, b_kn, v, False, PREC, UPCAST)
-        b_dx, b_du = _features_backward(b_x, b_qp, b_qn, b_dqp, b_dqn, p_wq, F, D, FMAP, BD, BF, PREC)
+        b_dx, b_du = _features_backward(b_x, b_qp, b_qn, b_dqp, b_dqn, b_wq, FMAP, PREC)
         _store_rows(p_dq, DQ, o_t, m_t, b_dx, DQ, BD if FMAP else BF)
         if FMAP:
             b_dw += tl.dot(tl.trans(b_x), b_du, input_precision=PREC)  # [BD, BT] @ [BT, BF] -> [BD, BF]
@@ -545,7 +556,7 @@ def _bwd_kv_kernel(
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh
     p_dk = dk + (i_b * hkv + i_j).to(tl.int64) * T * DK
     p_dv = dv + (i_b * hkv + i_j).to(tl.int64) * T * DV
-    p_wk, p_bk = wk + i_j * D * F, bk + i_j * F
+    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, FMAP, HAS_KB, BD, BF)
     o_state = (i_n * hkv + i_j).to(tl.int64) * FW
     if HAS_GS:
         b_dsp, b_dsn, b_dzp, b_dzn = _load_state(gs + o_state * DV, gz + o_state, o_v, DV, F, FMAP, BF)
@@ -572,7 +583,7 @@ def _bwd_kv_kernel(
         c = n_chunks - 1 - i
         o_t = bos + c * BT + o_i
         m_t = o_t < eos
-        b_x, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, p_wk, p_bk, F, D, FMAP, HAS_KB, BD, BF, PREC, UPCAST)
+        b_x, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
         b_v = _load_rows(p_v, s_vt, o_t, m_t, DV, BV)
         # Through the state of the later chunks (before this chunk's queries join dS).
         b_dkp = _mm(b_v, tl.trans(b_dsp), v, False, PREC, UPCAST) + b_dzp[None, :]  # [BT, BV] @ [BV, BF]
@@ -596,7 +607,7 @@ def _bwd_kv_kernel(
                     b_dkn += _mm(b_pt, b_qn, v, False, PREC, UPCAST)
                 b_dsp, b_dsn, b_dzp, b_dzn = _accumulate_ds(b_qp, b_qn, b_rg, b_k, b_dsp, b_dsn, b_dzp, b_dzn, v,
                                                             FMAP, PREC, UPCAST)
-        b_dx, b_du = _features_backward(b_x, b_kp, b_kn, b_dkp, b_dkn, p_wk, F, D, FMAP, BD, BF, PREC)
+        b_dx, b_du = _features_backward(b_x, b_kp, b_kn, b_dkp, b_dkn, b_wk, FMAP, PREC)
         _store_rows(p_dk, DK, o_t, m_t, b_dx, DK, BK)
         _store_rows(p_dv, DV, o_t, m_t, b_dv, DV, BV)
         if FMAP:
@@ -618,7 +629,8 @@ def _query_side(q, wq, bq, go, rr, kk, i_b, i_h, hq, T, o_t, m_t, s_qb, s_qh, s_
                 BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """What the key pass needs of query head i_h at tokens o_t: (G, Q_p, Q_n, r, k)."""
     p_q = q + i_b * s_qb + i_h.to(tl.int64) * s_qh
-    _, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, wq + i_h * D * F, bq + i_h * F, F, D, FMAP, HAS_QB, BD, BF,
+    b_wq, b_bq = _weights(wq + i_h * D * F, bq + i_h * F, F, D, FMAP, HAS_QB, BD, BF)
+    b_qx, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, b_wq, b_bq, F, D, FMAP, BD, BF,
                               PREC, UPCAST)
     b_g = _load_rows(go + i_b * s_gb + i_h.to(tl.int64) * s_gh, s_gt, o_t, m_t, DV, BV)
     o_row = (i_b * hq + i_h).to(tl.int64) * T + o_t
@@ -654,11 +666,16 @@ def _pad(n: int) -> int:
 
 
 def _tiles(d: int, f: int, dv: int, target: Target) -> dict:
-    """Chunk and tile sizes. Interpreter: the 16-token minimum chunk (cheap there, and the tests see
-    many chunks) and all of Dv in one tile. GPUs: 64-token chunks, Dv tiles of 64 in the forward."""
+    """Chunk and tile sizes and launch options. Interpreter: the 16-token minimum chunk (cheap there,
+    and the tests see many chunks), all of Dv in one tile. GPUs: 32-token chunks, Dv tiles of 64 in
+    the forward and the query pass, 8 warps, no software pipelining (its prefetch buffers only added
+    registers and shared memory). NOT spill-free yet: at the benchmark shape (D 128, F 64, Dv 128,
+    bf16) bench/triton_aot.py reports every kernel but _states_kernel at 255 registers with spills
+    (bench/results/triton_aot.md); 64-token chunks, 4 warps or Dv tiles of 32 spilled as much or
+    more (Triton 3.9)."""
     if target.interpreted:
-        return dict(BT=MIN_DOT, BD=_pad(d), BF=_pad(f), BV=_pad(dv))
-    return dict(BT=64, BD=_pad(d), BF=_pad(f), BV=min(_pad(dv), 64))
+        return dict(BT=MIN_DOT, BD=_pad(d), BF=_pad(f), BV=_pad(dv), num_warps=4)
+    return dict(BT=32, BD=_pad(d), BF=_pad(f), BV=min(_pad(dv), 64), num_warps=8, num_stages=1)
 
 
 def _precision(dtype: torch.dtype, target: Target) -> dict:
@@ -706,7 +723,7 @@ def _plan_forward(q, k, v, fmap, causal, eps, s0, z0, cu_seqlens, window, alpha,
     out = torch.empty((B, Hq, T, Dv), dtype=v.dtype, device=v.device)
     grid = (triton.cdiv(Dv, tiles["BV"]), Hq, N)
     common = dict(G=Hq // Hkv, D=D, F=F, DV=Dv, VARLEN=varlen, **biases, **tiles,
-                  **_precision(q.dtype, target), num_warps=4)
+                  **_precision(q.dtype, target))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     if window > 0:
         ones = None if alpha is not None and beta is not None else torch.ones(Hq, dtype=torch.float32,
@@ -794,7 +811,7 @@ def _plan_backward(grad_out, grad_S, grad_z, q, k, v, fmap, causal, eps, s0, z0,
         dbk = torch.empty((N, Hkv, F), dtype=f32, device=dev) if biases["HAS_KB"] else None
     dummy = slots_z
     common = dict(D=D, F=F, DV=Dv, FMAP=fmap is not None, CAUSAL=bool(causal), VARLEN=varlen, **biases,
-                  **tiles, **_precision(q.dtype, target), num_warps=4)
+                  **tiles, **_precision(q.dtype, target))
     kstr, vstr, qstr, gstr = k.stride()[:3], v.stride()[:3], q.stride()[:3], grad_out.stride()[:3]
     full_v = dict(common, BV=_pad(Dv))  # the key pass holds all of dS: one Dv tile
     launches = [
