@@ -843,11 +843,8 @@ def plan_linear_attention_backward(grad_out, grad_S, grad_z, q, k, v, causal, ep
 def plan_hedgehog_attention_backward(grad_out, grad_S, grad_z, q, k, v, q_weight, k_weight, q_bias, k_bias, causal,
                                      eps, initial_S, initial_z, window, alpha, beta, scale, cu_seqlens, *,
                                      target: Target):
-    """The launches of `hedgehog_attention_backward` on `target` (window = 0; see _plan_backward)."""
-    if window > 0:
-        raise ValueError("pyfast.hedgehog_attention_backward: expected window 0 for backend 'triton' (the Triton "
-                         "backward of the sliding-window hybrid is not implemented; use backend 'cpu' or "
-                         f"'reference'), got {window}")
+    """The launches of `hedgehog_attention_backward` on `target` (window = 0, which the launcher
+    checks; see _plan_backward)."""
     return _plan_backward(grad_out, grad_S, grad_z, q, k, v, (q_weight, k_weight, q_bias, k_bias), causal, eps,
                           initial_S, initial_z, cu_seqlens, target)
 
@@ -873,6 +870,10 @@ def hedgehog_attention_backward(grad_out, grad_S, grad_z, q, k, v, q_weight, k_w
     hedgehog_attention with window = 0 (the backward op's arguments, schema order); absent
     arguments get empty tensors, alpha and beta (unused without a window) zeros. The weight and
     bias gradients are the kernels' per-sequence fp32 partials summed here."""
+    if window > 0:
+        raise ValueError("pyfast.hedgehog_attention_backward: expected window 0 for backend 'triton' (the Triton "
+                         "backward of the sliding-window hybrid is not implemented; use backend 'cpu' or "
+                         f"'reference'), got {window}")
     dq, dk, dv, dwq, dwk, dbq, dbk, ds0, dz0 = run_plan(
         plan_hedgehog_attention_backward, q.device, grad_out, grad_S, grad_z, q, k, v, q_weight, k_weight, q_bias,
         k_bias, causal, eps, initial_S, initial_z, window, alpha, beta, scale, cu_seqlens)
