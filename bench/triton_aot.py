@@ -144,7 +144,30 @@ def bench_calls() -> list[Call]:
         calls.append(_call(ks.plan_sparse_decode_attention,
                            [q, k, k, n, bk, bs.BLOCK, bs.TOPK, bs.SINK, bs.LOCAL, None], {},
                            f"bench: sparse_decode_attention {shape}", True))
+    calls += hedgehog_bench_calls()
     return calls
+
+
+# The GPU benchmark shape of Hedgehog attention (issue 11: B16 H16 T4096 D128 F64 bf16, Dv = D).
+HEDGEHOG_GPU = dict(B=16, H=16, T=4096, D=128, F=64)
+
+
+def hedgehog_bench_calls() -> list[Call]:
+    """The Triton launcher calls of the Hedgehog GPU benchmark: the fused causal forward and its
+    backward (window 0, with biases, no initial state), bf16."""
+    import torch
+
+    from pyfast.kernels import hedgehog as kh
+
+    b, h, t, d, f = (HEDGEHOG_GPU[k] for k in ("B", "H", "T", "D", "F"))
+    x = torch.empty((b, h, t, d), dtype=torch.bfloat16, device="meta")
+    w = torch.empty((h, d, f), dtype=torch.bfloat16, device="meta")
+    bias = torch.empty((h, f), dtype=torch.bfloat16, device="meta")
+    fwd = [x, x, x, w, w, bias, bias, True, 1e-6, None, None, 0, None, None, None, None]
+    shape = f"B={b} H={h} T={t} D={d} F={f} bf16"
+    return [_call(kh.plan_hedgehog_attention, fwd, {}, f"bench: hedgehog_attention {shape}", True),
+            _call(kh.plan_hedgehog_attention_backward, [x, None, None, *fwd], {},
+                  f"bench: hedgehog_attention_backward {shape}", True)]
 
 
 # The test files whose Triton calls are recorded by default: every test selected by `-k triton`

@@ -34,6 +34,11 @@ def test_every_op_declares_everything():
         assert op.arg_names and op.tensor_args, name
 
 
+def _device(backend: str) -> str:
+    """Where `backend` runs: CUDA for "cuda", and for "triton" on a GPU (the interpreter runs CPU tensors)."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
 def _op_backends(skip=()):
     """(op, backend) for every op and each of its backends that runs here."""
     return [pytest.param(op, b, id=f"{op}-{b}") for op in OPS for b in op_cases.BACKENDS
@@ -48,17 +53,17 @@ def test_opcheck(op, backend):
     if opdef.autograd is not None:  # exercise the registered backward too
         first = opdef.arg_names[0]
         a[first] = a[first].clone().requires_grad_()
-    device = "cuda" if backend == "cuda" else "cpu"
+    device = _device(backend)
     torch.library.opcheck(opdef.overload, tuple(op_cases.schema_order(op, _on(device, a))), {"backend": backend})
 
 
-@pytest.mark.parametrize("op, backend", _op_backends(skip=("triton",)))
+@pytest.mark.parametrize("op, backend", _op_backends())
 def test_compile_fullgraph(op, backend):
     """pyfast.<op> traced whole by torch.compile gives the eager result (the rules run in the fake
     impl while tracing, and again at run time)."""
     make, public = op_cases.OPS[op]
     torch._dynamo.reset()  # one lambda compiled per (op, backend): keep under dynamo's recompile limit
-    device = "cuda" if backend == "cuda" else "cpu"
+    device = _device(backend)
     a_eager, a_compiled = (_on(device, a) for a in _twice(make))
     compiled = torch.compile(lambda a: public(a, backend), fullgraph=True, backend="aot_eager")
     want, got = public(a_eager, backend), compiled(a_compiled)

@@ -5,7 +5,9 @@ Each op is declared once in the op registry (pyfast/_registry.py) below: its rul
 concept), fake impl, autograd and backends. The public functions bind the Python arguments (the
 (S, z) state tuple, defaults) and call the op. Implementations: "cpu" (csrc/hedgehog/*.cpp),
 "cuda" (csrc/hedgehog/hedgehog_cuda.cu: the decode step, and the fused forward for window 0 in
-float16 / bfloat16, see cuda_unsupported), "reference" (pyfast/reference/hedgehog.py, float64). The exact math and layouts:
+float16 / bfloat16, see cuda_unsupported), "triton" (kernels/hedgehog.py: the attention ops and
+their backward ops; the default on CUDA tensors where the CUDA C++ kernel does not cover the
+arguments), "reference" (pyfast/reference/hedgehog.py, float64). The exact math and layouts:
 pyfast/reference/hedgehog.py.
 
 The attention ops always return (out, S, z): the final state, float32, one per sequence (or per
@@ -331,6 +333,17 @@ def _cpu_backward(name: str):
     return backward
 
 
+def _triton(name: str):
+    """The Triton launcher `name` of kernels/hedgehog.py (imported on first use: triton is optional)."""
+
+    def launch(*args):
+        from pyfast.kernels import hedgehog as launchers
+
+        return getattr(launchers, name)(*args)
+
+    return launch
+
+
 def _grad_fake(fwd_args, tensors):
     """Gradient outputs shaped like the forward's tensor arguments (empty where absent)."""
     q = fwd_args[0]
@@ -369,7 +382,8 @@ def _define_attention(name: str, args_schema: str, check, fake, tensors, cpu_ent
         check=check_bwd,
         check_data=lambda *a: check_cu_seqlens_values(bwd_name, a[-1], a[3].shape[2]),
         fake=lambda grad_out, grad_S, grad_z, *fwd: _grad_fake(fwd, [fwd[i] for i in tensors]),
-        impls={"cpu": _cpu_backward(f"{cpu_entry}_backward_cpu"), "reference": _reference_backward(ref_forward, tensors)},
+        impls={"cpu": _cpu_backward(f"{cpu_entry}_backward_cpu"), "triton": _triton(bwd_name),
+               "reference": _reference_backward(ref_forward, tensors)},
         default_cuda=_default_cuda(bwd_name),
     ))
 
@@ -401,7 +415,8 @@ def _define_attention(name: str, args_schema: str, check, fake, tensors, cpu_ent
         fake=fake,
         autograd=_registry.Autograd(backward, setup_context),
         differentiable=differentiable,
-        impls={"cpu": _ops.kernel(f"{cpu_entry}_cpu"), **(cuda or {}), "reference": ref_forward},
+        impls={"cpu": _ops.kernel(f"{cpu_entry}_cpu"), **(cuda or {}), "triton": _triton(name),
+               "reference": ref_forward},
         default_cuda=_default_cuda(name, lambda args: cuda is not None and cuda_unsupported(name, args) is None),
     ))
 
