@@ -12,7 +12,7 @@
 //                at once:
 //                  phi_q (registers, C fragments re-packed as A fragments):
 //                      A_qk  += phi_q phi_k^T     (phi_k tile in shared memory, pk_s)
-//                      O     += phi_q S           (S rows of the tile staged as T, st_s)
+//                      O     += phi_q S           (S rows of the tile staged as T, st_s, scaled: below)
 //                      den   += phi_q . z         (z in shared memory, float32)
 //                  phi_k: S[tile rows] += phi_k^T V (warp w: 16 feature rows x kDvTile), z += sum phi_k
 //   after the tiles, causal: O += mask(A_qk) V, den += rowsum(mask(A_qk)); out = O / (den + eps).
@@ -26,6 +26,14 @@
 // forced to 0 (they add nothing to S, z or A_qk), columns past D / F / Dv load as 0 and features
 // past F are 0, so any T, D, F <= kMaxFeatures, Dv work. Shared memory rows are padded by
 // kPad elements so the 32-bit fragment reads of a warp spread over the banks.
+// State scale: S sums every token plus the initial state, so it leaves float16's range (65504)
+// where float32 holds it. Each chunk stages c S with c = 2^k chosen from the exact max |S| of the
+// CTA's slice (every thread tracks the max |S| it writes: the S0 load, the S update, which rewrites
+// the whole slice each chunk), so that 2^14 <= c max|S| < 2^15; O accumulates c phi_q S and is
+// multiplied by 1 / c before the A_qk V term adds in. Powers of two keep both steps exact. The
+// scale goes up as well as down: staged values then keep float16's relative precision down to
+// 2^-28 max|S| instead of going subnormal below 2^-14 (a small state, e.g. early in a sequence).
+// Uniform for bfloat16 (float32's range: the scale changes nothing there but the exponent).
 // NaN: a NaN in q or k reaches the rows (and later chunks) whose sums include it; a NaN in v at
 // token s also reaches the earlier rows of s's chunk (0 * NaN in the masked A_qk V product).
 #pragma once
@@ -54,6 +62,8 @@ constexpr int kDvN = kDvTile / 8;      // their mma N tiles
 constexpr int kPad = 8;               // shared row padding (elements)
 constexpr int kRowStride = 64 + kPad;  // of pk_s [key][feature], st_s [dv][feature], vt_s [dv][key]
 constexpr float kStatInit = -3.0e38f;  // running max before any column (finite: no inf - inf)
+constexpr int kScaleTarget = 14;      // c max|S| in [2^14, 2^15): float16's largest binade is 2^15
+constexpr int kScaleMax = 113;        // |k| <= 113: c and 1 / c stay normal floats; any finite max fits
 static_assert(kFwdThreads / 32 * 16 == kChunk && kFeat == 64 && kDvN % 2 == 0, "tiling");
 
 struct ForwardArgs {
@@ -202,6 +212,35 @@ struct Side {
   }
 };
 
+// 2^k as a float from its exponent bits (|k| <= 126).
+__device__ __forceinline__ float pow2(int k) { return __int_as_float((127 + k) << 23); }
+
+// The max |S| of the CTA's state slice, for the state scale. Kept in shared memory and read at
+// each use, not held in registers: the forward kernel has none to spare (ptxas spilled when the
+// scale or a running max stayed live across the tile loop, or when publish sat inside chunk()).
+struct StateMax {
+  float thread[kFwdThreads];     // max |S| each thread wrote since the slice was last rewritten
+  float warp[kFwdThreads / 32];  // their warp maxima as a chunk starts: published before its first
+                                 // barrier, read until its last tile's middle barrier, so every
+                                 // reader is done before any warp publishes the next chunk's
+
+  __device__ void note(float s) { thread[threadIdx.x] = fmaxf(thread[threadIdx.x], fabsf(s)); }
+  // Before a chunk (its first barrier follows): the warp's max. fmaxf skips NaN (a NaN of S stays
+  // NaN when staged).
+  __device__ void publish() {
+    float m = thread[threadIdx.x];
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    if (threadIdx.x % 32 == 0) warp[threadIdx.x / 32] = m;
+  }
+  // After it: k of c = 2^k for the CTA's max m (0, subnormal, inf: k clamped).
+  __device__ int scale() const {
+    const float m = fmaxf(fmaxf(warp[0], warp[1]), fmaxf(warp[2], warp[3]));
+    const int e = (__float_as_int(m) >> 23) & 0xFF;  // m >= 0: floor(log2 m) = e - 127 when normal
+    return max(-kScaleMax, min(kScaleMax, kScaleTarget + 127 - e));
+  }
+};
+static_assert(kFwdThreads / 32 == 4, "StateMax::scale reads 4 warp maxima");
+
 // Global row of tile feature i (0..63): + features f0 .. f0 + 31, then - features F + f0 ...
 __device__ __forceinline__ int feat_row(int i, int f0, int F) { return (i < kUTile ? 0 : F) + f0 + i % kUTile; }
 __device__ __forceinline__ bool feat_ok(int i, int f0, int F) { return f0 + i % kUTile < F; }
@@ -209,12 +248,13 @@ __device__ __forceinline__ bool feat_ok(int i, int f0, int F) { return f0 + i % 
 template <typename T, bool kOut, bool kUpdate>
 __device__ void chunk(const ForwardArgs& a, Side<T>& qs, Side<T>& ks, int t0, int len, int dv0, float* S,
                       uint16_t (&pk_s)[kChunk][kRowStride], uint16_t (&st_s)[kDvTile][kRowStride],
-                      uint16_t (&vt_s)[kDvTile][kRowStride], float* z_s, T* out_rows) {
+                      uint16_t (&vt_s)[kDvTile][kRowStride], float* z_s, StateMax& smax, T* out_rows) {
   constexpr bool kIntra = kOut && kUpdate;  // causal: both in one pass
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int F = a.F, Dv = a.Dv;
   const int rows = min(kChunk, len - t0);  // valid tokens of the chunk
-  __syncthreads();  // the previous chunk's readers of vt_s are done
+  __syncthreads();  // the previous chunk's readers of vt_s are done; smax.warp (published) complete
+  if (kUpdate) smax.thread[tid] = 0.0f;  // this chunk rewrites the whole slice
   if (kUpdate || kIntra) {
     const T* v = static_cast<const T*>(a.v);
     for (int e = tid; e < kChunk * kDvTile; e += kFwdThreads) {  // coalesced along dv
@@ -250,7 +290,8 @@ __device__ void chunk(const ForwardArgs& a, Side<T>& qs, Side<T>& ks, int t0, in
       for (int e = tid; e < kFeat * kDvTile; e += kFwdThreads) {  // S rows of the tile, as T, transposed
         const int i = e / kDvTile, dv = e % kDvTile;
         const bool ok = feat_ok(i, f0, F) && dv0 + dv < Dv;
-        st_s[dv][i] = ok ? bits(from_float<T>(S[static_cast<int64_t>(feat_row(i, f0, F)) * Dv + dv0 + dv])) : 0;
+        const float x = ok ? S[static_cast<int64_t>(feat_row(i, f0, F)) * Dv + dv0 + dv] * pow2(smax.scale()) : 0.0f;
+        st_s[dv][i] = bits(from_float<T>(x));
       }
     }
     if (kUpdate) {
@@ -274,6 +315,13 @@ __device__ void chunk(const ForwardArgs& a, Side<T>& qs, Side<T>& ks, int t0, in
           const uint32_t b[2] = {ld32(&st_s[8 * n + g][16 * s + 2 * t]), ld32(&st_s[8 * n + g][16 * s + 2 * t + 8])};
           mma_m16n8k16<T>(o[n], pq[s], b, o[n]);
         }
+      if (f0 + kUTile >= F) {  // last tile: O = c phi_q S, complete; undo the state scale (before A_qk V)
+        const float inv = pow2(-smax.scale());
+#pragma unroll
+        for (int n = 0; n < kDvN; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) o[n][i] *= inv;
+      }
     }
     if (kIntra) {
 #pragma unroll
@@ -322,6 +370,12 @@ __device__ void chunk(const ForwardArgs& a, Side<T>& qs, Side<T>& ks, int t0, in
             const int dv = dv0 + 8 * (kDvN / 2 * half + n) + 2 * t + (i & 1);
             if ((i < 2 ? ok0 : ok1) && dv < Dv) S[static_cast<int64_t>(i < 2 ? r0 : r1) * Dv + dv] = acc[n][i];
           }
+        float m = 0.0f;  // acc is 0 (or NaN, which fmaxf skips) outside the slice: no mask needed
+#pragma unroll
+        for (int n = 0; n < kDvN / 2; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) m = fmaxf(m, fabsf(acc[n][i]));
+        smax.note(m);
       }
       if (tid < kFeat && feat_ok(tid, f0, F)) {  // z += sum over the chunk's keys (the phi_k used for S)
         float sum = 0.0f;
@@ -375,6 +429,7 @@ __global__ void __launch_bounds__(kFwdThreads) forward_kernel(const ForwardArgs 
   __shared__ __align__(16) uint16_t st_s[kDvTile][kRowStride];
   __shared__ __align__(16) uint16_t vt_s[kDvTile][kRowStride];
   __shared__ float z_s[2 * kMaxFeatures];
+  __shared__ StateMax smax;
 
   const int dv0 = blockIdx.x * kDvTile, h = blockIdx.y, n = blockIdx.z, j = h / a.G;
   const int tid = threadIdx.x, warp = tid / 32;
@@ -387,9 +442,14 @@ __global__ void __launch_bounds__(kFwdThreads) forward_kernel(const ForwardArgs 
   // The running state: this (sequence, query head)'s workspace slice, columns dv0 .. of every row.
   float* S = a.ws + (static_cast<int64_t>(n) * a.Hq + h) * F2 * Dv;
   const int64_t state = (static_cast<int64_t>(n) * a.Hkv + j) * F2;
+  smax.thread[tid] = 0.0f;
   for (int e = tid; e < F2 * kDvTile; e += kFwdThreads) {
     const int f = e / kDvTile, dv = dv0 + e % kDvTile;
-    if (dv < Dv) S[static_cast<int64_t>(f) * Dv + dv] = a.S0 == nullptr ? 0.0f : a.S0[(state + f) * Dv + dv];
+    if (dv < Dv) {
+      const float s0 = a.S0 == nullptr ? 0.0f : a.S0[(state + f) * Dv + dv];
+      S[static_cast<int64_t>(f) * Dv + dv] = s0;
+      smax.note(s0);
+    }
   }
   for (int f = tid; f < F2; f += kFwdThreads) z_s[f] = a.z0 == nullptr ? 0.0f : a.z0[state + f];
 
@@ -411,12 +471,13 @@ __global__ void __launch_bounds__(kFwdThreads) forward_kernel(const ForwardArgs 
       ks.x = k + static_cast<int64_t>(r0) * a.k_st, ks.nrow = len - r0;
       c.v = v + static_cast<int64_t>(t0) * a.v_st;
       T* rows = out + static_cast<int64_t>(t0) * Dv;
+      if (causal || pass == 1) smax.publish();  // max |S| as the chunk starts: S0 or the last rewrite
       if (causal) {
-        chunk<T, true, true>(c, qs, ks, t0, len, dv0, S, pk_s, st_s, vt_s, z_s, rows);
+        chunk<T, true, true>(c, qs, ks, t0, len, dv0, S, pk_s, st_s, vt_s, z_s, smax, rows);
       } else if (pass == 0) {
-        chunk<T, false, true>(c, qs, ks, t0, len, dv0, S, pk_s, st_s, vt_s, z_s, rows);
+        chunk<T, false, true>(c, qs, ks, t0, len, dv0, S, pk_s, st_s, vt_s, z_s, smax, rows);
       } else {
-        chunk<T, true, false>(c, qs, ks, t0, len, dv0, S, pk_s, st_s, vt_s, z_s, rows);
+        chunk<T, true, false>(c, qs, ks, t0, len, dv0, S, pk_s, st_s, vt_s, z_s, smax, rows);
       }
     }
   }
