@@ -44,7 +44,7 @@ aligned to the sequence start, so nothing crosses a segment boundary):
 Weight and bias gradients are sums over tokens: each backward program sums its own tokens in fp32
 registers and writes a partial per sequence, and the launcher adds the N partials with one small
 torch sum (no atomics, deterministic). The window hybrid has no backward here (the launcher
-raises; see plan_hedgehog_backward).
+raises a clear error; see hedgehog_attention_backward).
 
 Precision: accumulation, softmax, states and r, k in fp32. 16-bit inputs: the feature x feature
 and feature x value/grad products take operands rounded to the input dtype (tensor cores); every
