@@ -640,16 +640,18 @@ def _pad(n: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(n))
 
 
-def _tiles(d: int, f: int, dv: int, target: Target) -> dict:
+def _tiles(d: int, f: int, dv: int, target: Target, backward: bool = False) -> dict:
     """Chunk and tile sizes and launch options. Interpreter: the 16-token minimum chunk (cheap there,
-    and the tests see many chunks), all of Dv in one tile. GPUs: 32-token chunks, Dv tiles of 64 in
-    the forward and the query pass, 8 warps, no software pipelining (its prefetch buffers only added
-    registers and shared memory). NOT spill-free yet: at the benchmark shape (D 128, F 64, Dv 128,
-    bf16) bench/triton_aot.py reports every kernel but _states_kernel at 255 registers with spills
-    (bench/results/triton_aot.md); 64-token chunks, 4 warps or Dv tiles of 32 spilled as much or
-    more (Triton 3.9)."""
+    and the tests see many chunks), all of Dv in one tile. GPUs: 8 warps, no software pipelining
+    (its prefetch buffers only added registers and shared memory); forward 32-token chunks and Dv
+    tiles of 64; backward (more live tiles per chunk) 16-token chunks and Dv tiles of 32. Measured
+    by bench/triton_aot.py at the bench shape (D 128, F 64, Dv 128, bf16; Triton 3.9): 64-token
+    chunks, 4 warps or the backward at 32 tokens spilled more; see bench/results/triton_aot.md for
+    what still spills."""
     if target.interpreted:
         return dict(BT=MIN_DOT, BD=_pad(d), BF=_pad(f), BV=_pad(dv), num_warps=4)
+    if backward:
+        return dict(BT=16, BD=_pad(d), BF=_pad(f), BV=min(_pad(dv), 32), num_warps=8, num_stages=1)
     return dict(BT=32, BD=_pad(d), BF=_pad(f), BV=min(_pad(dv), 64), num_warps=8, num_stages=1)
 
 
@@ -765,7 +767,7 @@ def _plan_backward(grad_out, grad_S, grad_z, q, k, v, fmap, causal, eps, s0, z0,
     grad_S, grad_z, s0, z0 = _dense(grad_S), _dense(grad_z), _dense(s0), _dense(z0)
     wq, wk, bq, bk, D, F, biases = _feature_args(fmap, q)
     fw = F if fmap is None else 2 * F
-    tiles = _tiles(D, F, Dv, target)
+    tiles = _tiles(D, F, Dv, target, backward=True)
     BT = tiles["BT"]
     n_slots = T // BT + N if varlen else N * triton.cdiv(T, BT)
     dev, f32 = q.device, torch.float32
