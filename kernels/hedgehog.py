@@ -35,16 +35,16 @@ aligned to the sequence start, so nothing crosses a segment boundary):
     _bwd_q_kernel    grid (Hq, N): per chunk, from the slots: R = G S^T and P0 = G V^T over all Dv
                      tiles, den and gnum = G . num, r = 1 / den, k = -gnum / den^2 (stored per row
                      for the key pass), dQ = r R + k z^T + P K (P = r P0 + k on s <= t), then the
-                     feature map's backward into dq and this program's dW_q, db_q sums.
+                     feature-map backward up to du_q (see below).
     _bwd_kv_kernel   grid (Hkv, N), last chunk first, all of Dv in one tile: running dS, dz of the
                      later chunks (grad_S, grad_z at the start). dK = V dS^T + dz and dV = K dS,
                      plus per query head of the group dV += M^T (r G), dK += P^T Q (masked
                      intra-chunk), then dS += Q^T (r G), dz += sum k Q. Non-causal: dS, dz over
                      every query first. Ends with dS0, dz0 = dS, dz.
-Weight and bias gradients are sums over tokens: each backward program sums its own tokens in fp32
-registers and writes a partial per sequence, and the launcher adds the N partials with one small
-torch sum (no atomics, deterministic). The window hybrid has no backward here (the launcher
-raises; see plan_hedgehog_backward).
+Weight and bias gradients: the backward kernels stop at du = d(x W + b) (fp32, [B, H, T, F]) and
+the launcher finishes dx = du W^T, dW = x^T du, db = sum du with torch matmuls (deterministic;
+see `_features_backward` for why not in the kernels). The window hybrid has no backward here (the launcher
+raises a clear error; see hedgehog_attention_backward).
 
 Precision: accumulation, softmax, states and r, k in fp32. 16-bit inputs: the feature x feature
 and feature x value/grad products take operands rounded to the input dtype (tensor cores); every
@@ -116,55 +116,60 @@ def _half_softmax(u, m_f):
     return e / tl.sum(e, axis=1)[:, None]
 
 
+# Feature-map contraction slice: x @ W runs over D in slices of this many columns, each x and W
+# slice loaded in the loop. A whole [BT, D] x tile as a dot operand is replicated in every warp
+# that splits the F columns (8 warps on a 32-row chunk: 64 registers per thread at D 128), and a
+# [D, F] weight kept for the whole program costs 16-32 more per map: both spilled at the GPU bench
+# shape. The slices are reread from L1/L2 per chunk.
+BK_MAX = tl.constexpr(32)
+
+
 @triton.jit
-def _weights(p_w, p_b, F: tl.constexpr, D: tl.constexpr, FMAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BD: tl.constexpr, BF: tl.constexpr):
-    """A head's feature-map weight [BD, BF] (input dtype) and bias [BF] (fp32, zero without one),
-    loaded once per program: reloading them per chunk keeps their address tiles live across the
-    loop, which alone took most of the registers (bench/triton_aot.py)."""
-    o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
-    m_f = o_f < F
-    if FMAP:
-        b_w = tl.load(p_w + o_d[:, None] * F + o_f[None, :], mask=(o_d < D)[:, None] & m_f[None, :], other=0)
-    else:
-        b_w = tl.zeros([BD, BF], dtype=tl.float32)
+def _bias(p_b, F: tl.constexpr, HAS_BIAS: tl.constexpr, BF: tl.constexpr):
+    """A head's feature-map bias [BF] in fp32 (zero without one)."""
+    o_f = tl.arange(0, BF)
     if HAS_BIAS:
-        b_b = tl.load(p_b + o_f, mask=m_f, other=0).to(tl.float32)
+        b_b = tl.load(p_b + o_f, mask=o_f < F, other=0).to(tl.float32)
     else:
         b_b = tl.zeros([BF], dtype=tl.float32)
-    return b_w, b_b
+    return b_b
 
 
 @triton.jit
-def _features(p_x, s_xt, o_t, m_t, b_w, b_b, F: tl.constexpr, D: tl.constexpr, FMAP: tl.constexpr,
+def _features(p_x, s_xt, o_t, m_t, p_w, b_b, F: tl.constexpr, D: tl.constexpr, FMAP: tl.constexpr,
               BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """(x, p, n) of tokens o_t: with FMAP, x the raw [BT, BD] rows and p, n = softmax(+-(x W + b))
-    [BT, BF] (rows past m_t zero: a masked x row would still get softmax(b)); else p = the given
-    features [BT, BF] (F wide) and x, n = p (unused)."""
+    """(p, n) of tokens o_t: with FMAP, p, n = softmax(+-(x W + b)) [BT, BF] of the rows x of p_x
+    and the head's weight p_w [D, F] (rows past m_t zero: a masked x row would still get
+    softmax(b)); else p = the given features [BT, BF] (F wide) and n = p (unused)."""
     if FMAP:
-        b_x = _load_rows(p_x, s_xt, o_t, m_t, D, BD)
-        m_f = tl.arange(0, BF) < F
-        b_u = _mm(b_x, b_w, p_x, True, PREC, UPCAST) + b_b[None, :]  # [BT, BD] @ [BD, BF] -> [BT, BF]
+        BK: tl.constexpr = BK_MAX if BD > BK_MAX else BD
+        o_k, o_f = tl.arange(0, BK), tl.arange(0, BF)
+        m_f = o_f < F
+        b_u = b_b[None, :] + tl.zeros([o_t.shape[0], BF], dtype=tl.float32)
+        for d0 in range(0, BD, BK):  # [BT, BK] @ [BK, BF] -> [BT, BF] per slice
+            b_x = _load_rows(p_x + d0, s_xt, o_t, m_t, D - d0, BK)
+            m_w = (d0 + o_k < D)[:, None] & m_f[None, :]
+            b_w = tl.load(p_w + (d0 + o_k)[:, None] * F + o_f[None, :], mask=m_w, other=0)
+            b_u += _mm(b_x, b_w, p_x, True, PREC, UPCAST)
         b_p = tl.where(m_t[:, None], _half_softmax(b_u, m_f), 0.0)
         b_n = tl.where(m_t[:, None], _half_softmax(-b_u, m_f), 0.0)
     else:
         b_p = _load_rows(p_x, s_xt, o_t, m_t, F, BF)
-        b_x = b_p
         b_n = b_p
-    return b_x, b_p, b_n
+    return b_p, b_n
 
 
 @triton.jit
-def _features_backward(b_x, b_p, b_n, b_dp, b_dn, b_w, FMAP: tl.constexpr, PREC: tl.constexpr):
-    """(dx, du) for feature gradients (dp, dn): du = p (dp - p.dp) - n (dn - n.dn), dx = du W^T
-    (fp32; x-less linear attention: dx = dp, du unused)."""
+def _features_backward(b_p, b_n, b_dp, b_dn, FMAP: tl.constexpr):
+    """What a backward kernel stores for feature gradients (dp, dn): with FMAP the gradient of the
+    pre-softmax u = x W + b, du = p (dp - p.dp) - n (dn - n.dn) (fp32; the launcher finishes dx = du
+    W^T, dW = x^T du, db = sum du with torch matmuls: a [BD, BF] dW accumulator and the x, W tiles
+    of those products spilled at the GPU bench shape); x-less linear attention: dx = dp."""
     if FMAP:
         b_du = b_p * (b_dp - tl.sum(b_p * b_dp, axis=1)[:, None]) - b_n * (b_dn - tl.sum(b_n * b_dn, axis=1)[:, None])
-        b_dx = tl.dot(b_du, tl.trans(b_w.to(tl.float32)), input_precision=PREC)  # [BT, BF] @ [BF, BD] -> [BT, BD]
     else:
         b_du = b_dp
-        b_dx = b_dp
-    return b_dx, b_du
+    return b_du
 
 
 @triton.jit
@@ -282,8 +287,7 @@ def _fwd_kernel(
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh + i_v * BV
     p_o = out + i_b * s_ob + i_h.to(tl.int64) * s_oh + i_v * BV
-    b_wq, b_bq = _weights(wq + i_h * D * F, bq + i_h * F, F, D, FMAP, HAS_QB, BD, BF)
-    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, FMAP, HAS_KB, BD, BF)
+    b_bq, b_bk = _bias(bq + i_h * F, F, HAS_QB, BF), _bias(bk + i_j * F, F, HAS_KB, BF)
     o_state = (i_n * hkv + i_j).to(tl.int64) * FW
     if HAS_S0:
         b_sp, b_sn, b_zp, b_zn = _load_state(s0 + o_state * DV, z0 + o_state, o_v, DV, F, FMAP, BF)
@@ -297,16 +301,16 @@ def _fwd_kernel(
         for c in range(0, n_chunks):
             o_t = bos + c * BT + o_i
             m_t = o_t < eos
-            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
+            b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, wk + i_j * D * F, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
             b_v = _load_rows(p_v, s_vt, o_t, m_t, DV - i_v * BV, BV)
             b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, v, FMAP, PREC, UPCAST)
     for c in range(0, n_chunks):
         o_t = bos + c * BT + o_i
         m_t = o_t < eos
-        b_qx, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, b_wq, b_bq, F, D, FMAP, BD, BF, PREC, UPCAST)
+        b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, wq + i_h * D * F, b_bq, F, D, FMAP, BD, BF, PREC, UPCAST)
         b_num, b_den = _inter(b_qp, b_qn, b_sp, b_sn, b_zp, b_zn, v, FMAP, PREC, UPCAST)
         if CAUSAL:
-            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
+            b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, wk + i_j * D * F, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
             b_v = _load_rows(p_v, s_vt, o_t, m_t, DV - i_v * BV, BV)
             b_a = _scores(b_qp, b_qn, b_kp, b_kn, v, FMAP, PREC, UPCAST)
             b_a = tl.where(o_i[:, None] >= o_i[None, :], b_a, 0.0)  # keys s <= t of the chunk
@@ -339,8 +343,7 @@ def _hybrid_kernel(
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh + i_v * BV
     p_o = out + i_b * s_ob + i_h.to(tl.int64) * s_oh + i_v * BV
-    b_wq, b_bq = _weights(wq + i_h * D * F, bq + i_h * F, F, D, True, HAS_QB, BD, BF)
-    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, True, HAS_KB, BD, BF)
+    b_bq, b_bk = _bias(bq + i_h * F, F, HAS_QB, BF), _bias(bk + i_j * F, F, HAS_KB, BF)
     b_al, b_be = tl.load(alpha + i_h), tl.load(beta + i_h)
     b_sp = tl.zeros([BF, BV], dtype=tl.float32)
     b_sn = tl.zeros([BF, BV], dtype=tl.float32)
@@ -354,12 +357,13 @@ def _hybrid_kernel(
         lo = tl.maximum(c * BT - WINDOW + 1, 0) // BT
         for kc in range(n_done, lo):
             o_s = bos + kc * BT + o_i
-            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_s, o_s < eos, b_wk, b_bk, F, D, True, BD, BF, PREC,
+            b_kp, b_kn = _features(p_k, s_kt, o_s, o_s < eos, wk + i_j * D * F, b_bk, F, D, True, BD, BF, PREC,
                                       UPCAST)
             b_v = _load_rows(p_v, s_vt, o_s, o_s < eos, DV - i_v * BV, BV)
             b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, v, True, PREC, UPCAST)
         n_done = tl.maximum(n_done, lo)
-        b_x, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, b_wq, b_bq, F, D, True, BD, BF, PREC, UPCAST)
+        b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, wq + i_h * D * F, b_bq, F, D, True, BD, BF, PREC, UPCAST)
+        b_x = _load_rows(p_q, s_qt, o_t, m_t, D, BD)  # raw rows for the band's softmax scores
         b_num_l, b_den_l = _inter(b_qp, b_qn, b_sp, b_sn, b_zp, b_zn, v, True, PREC, UPCAST)
         b_m = tl.full([BT], float("-inf"), dtype=tl.float32)  # running band max (base 2)
         b_num_e = tl.zeros([BT, BV], dtype=tl.float32)
@@ -367,7 +371,8 @@ def _hybrid_kernel(
         for kc in range(lo, c + 1):
             o_s = bos + kc * BT + o_i
             m_s = o_s < eos
-            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_s, m_s, b_wk, b_bk, F, D, True, BD, BF, PREC, UPCAST)
+            b_kp, b_kn = _features(p_k, s_kt, o_s, m_s, wk + i_j * D * F, b_bk, F, D, True, BD, BF, PREC, UPCAST)
+            b_kx = _load_rows(p_k, s_kt, o_s, m_s, D, BD)
             b_v = _load_rows(p_v, s_vt, o_s, m_s, DV - i_v * BV, BV)
             o_d = o_t[:, None] - o_s[None, :]  # t - s
             m_lin = o_d >= WINDOW
@@ -412,7 +417,7 @@ def _states_kernel(
     o_i = tl.arange(0, BT)
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh + i_v * BV
-    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, FMAP, HAS_KB, BD, BF)
+    b_bk = _bias(bk + i_j * F, F, HAS_KB, BF)
     if HAS_S0:
         o_state = (i_n * hkv + i_j).to(tl.int64) * FW
         b_sp, b_sn, b_zp, b_zn = _load_state(s0 + o_state * DV, z0 + o_state, o_v, DV, F, FMAP, BF)
@@ -428,7 +433,7 @@ def _states_kernel(
             _store_state(slots_s + o_slot * DV, slots_z + o_slot, o_v, b_sp, b_sn, b_zp, b_zn, i_v == 0, DV, F, FMAP, BF)
         o_t = bos + c * BT + o_i
         m_t = o_t < eos
-        b_kx, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
+        b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, wk + i_j * D * F, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
         b_v = _load_rows(p_v, s_vt, o_t, m_t, DV - i_v * BV, BV)
         b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, v, FMAP, PREC, UPCAST)
     if not CAUSAL:
@@ -439,15 +444,15 @@ def _states_kernel(
 
 @triton.jit
 def _bwd_q_kernel(
-    q, k, v, wq, wk, bq, bk, go, slots_s, slots_z, rr, kk, dq, dwq, dbq, cu,
+    q, k, v, wq, wk, bq, bk, go, slots_s, slots_z, rr, kk, dq, cu,
     T, eps,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_gb, s_gh, s_gt,
     G: tl.constexpr, D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FMAP: tl.constexpr, CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (h, n): dq of query head h over sequence n, r and k per row into rr, kk [B, Hq, T],
-    and the fp32 partial sums dW_q [N, Hq, D, F], db_q [N, Hq, F] of this sequence."""
+    """Program (h, n): of query head h over sequence n, dq (x-less) or du_q [B, Hq, T, F] fp32
+    (FMAP, `_features_backward`), and r and k per row into rr, kk [B, Hq, T]."""
     i_h, i_n = tl.program_id(0), tl.program_id(1)
     hq = tl.num_programs(0)
     hkv = hq // G
@@ -455,25 +460,21 @@ def _bwd_q_kernel(
     i_b, bos, eos = _sequence(cu, i_n, T, VARLEN)
     base = _slot_base(cu, i_n, T, BT, VARLEN)
     FW: tl.constexpr = 2 * F if FMAP else F
-    DQ: tl.constexpr = D if FMAP else F  # width of q (and of dq)
     o_i = tl.arange(0, BT)
     o_f = tl.arange(0, BF)
     p_q = q + i_b * s_qb + i_h.to(tl.int64) * s_qh
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh
     p_g = go + i_b * s_gb + i_h.to(tl.int64) * s_gh
-    p_dq = dq + (i_b * hq + i_h).to(tl.int64) * T * DQ
+    p_dq = dq + (i_b * hq + i_h).to(tl.int64) * T * F
     p_r = rr + (i_b * hq + i_h).to(tl.int64) * T
     p_kk = kk + (i_b * hq + i_h).to(tl.int64) * T
-    b_wq, b_bq = _weights(wq + i_h * D * F, bq + i_h * F, F, D, FMAP, HAS_QB, BD, BF)
-    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, FMAP, HAS_KB, BD, BF)
-    b_dw = tl.zeros([BD, BF], dtype=tl.float32)
-    b_db = tl.zeros([BF], dtype=tl.float32)
+    b_bq, b_bk = _bias(bq + i_h * F, F, HAS_QB, BF), _bias(bk + i_j * F, F, HAS_KB, BF)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         o_t = bos + c * BT + o_i
         m_t = o_t < eos
         o_slot = ((base + (c if CAUSAL else 0)) * hkv + i_j).to(tl.int64) * FW
-        b_x, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, b_wq, b_bq, F, D, FMAP, BD, BF, PREC, UPCAST)
+        b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, wq + i_h * D * F, b_bq, F, D, FMAP, BD, BF, PREC, UPCAST)
         b_zp = tl.load(slots_z + o_slot + o_f, mask=o_f < F, other=0)
         b_den = tl.sum(b_qp * b_zp[None, :], axis=1)
         if FMAP:
@@ -482,7 +483,7 @@ def _bwd_q_kernel(
         else:
             b_zn = b_zp
         if CAUSAL:
-            b_kx, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
+            b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, wk + i_j * D * F, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
             b_m = tl.where(o_i[:, None] >= o_i[None, :], _scores(b_qp, b_qn, b_kp, b_kn, v, FMAP, PREC, UPCAST), 0.0)
             b_den += tl.sum(b_m, axis=1)
         # R = G S^T and P0 = G V^T, over the Dv tiles.
@@ -516,47 +517,34 @@ def _bwd_q_kernel(
             b_dqp += _mm(b_pm, b_kp, v, False, PREC, UPCAST)  # [BT, BT] @ [BT, BF] -> [BT, BF]
             if FMAP:
                 b_dqn += _mm(b_pm, b_kn, v, False, PREC, UPCAST)
-        b_dx, b_du = _features_backward(b_x, b_qp, b_qn, b_dqp, b_dqn, b_wq, FMAP, PREC)
-        _store_rows(p_dq, DQ, o_t, m_t, b_dx, DQ, BD if FMAP else BF)
-        if FMAP:
-            b_dw += tl.dot(tl.trans(b_x), b_du, input_precision=PREC)  # [BD, BT] @ [BT, BF] -> [BD, BF]
-            b_db += tl.sum(b_du, axis=0)
-    if FMAP:
-        o_d = tl.arange(0, BD)
-        o_part = (i_n * hq + i_h).to(tl.int64)
-        tl.store(dwq + o_part * D * F + o_d[:, None] * F + o_f[None, :], b_dw,
-                 mask=(o_d < D)[:, None] & (o_f < F)[None, :])
-        if HAS_QB:
-            tl.store(dbq + o_part * F + o_f, b_db, mask=o_f < F)
+        _store_rows(p_dq, F, o_t, m_t, _features_backward(b_qp, b_qn, b_dqp, b_dqn, FMAP), F, BF)
 
 
 @triton.jit
 def _bwd_kv_kernel(
-    q, k, v, wq, wk, bq, bk, go, rr, kk, gs, gz, dk, dv, dwk, dbk, ds0, dz0, cu,
+    q, k, v, wq, wk, bq, bk, go, rr, kk, gs, gz, dk, dv, ds0, dz0, cu,
     T,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_gb, s_gh, s_gt,
     G: tl.constexpr, D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FMAP: tl.constexpr, CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_GS: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Program (j, n): dk, dv of KV head j over sequence n (all of Dv in one BV tile), dS0, dz0
-    [N, Hkv, F', Dv] / [N, Hkv, F'], and the fp32 partials dW_k [N, Hkv, D, F], db_k [N, Hkv, F]."""
+    """Program (j, n): of KV head j over sequence n, dk (x-less) or du_k [B, Hkv, T, F] fp32 (FMAP),
+    dv (all of Dv in one BV tile), and dS0, dz0 [N, Hkv, F', Dv] / [N, Hkv, F']."""
     i_j, i_n = tl.program_id(0), tl.program_id(1)
     hkv = tl.num_programs(0)
     hq = hkv * G
     i_b, bos, eos = _sequence(cu, i_n, T, VARLEN)
     FW: tl.constexpr = 2 * F if FMAP else F
-    DK: tl.constexpr = D if FMAP else F  # width of k (and of dk)
-    BK: tl.constexpr = BD if FMAP else BF
     o_v = tl.arange(0, BV)
     o_i = tl.arange(0, BT)
     o_f = tl.arange(0, BF)
     m_st = o_i[None, :] >= o_i[:, None]  # [s, t]: query t sees key s (transposed causal mask)
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh
-    p_dk = dk + (i_b * hkv + i_j).to(tl.int64) * T * DK
+    p_dk = dk + (i_b * hkv + i_j).to(tl.int64) * T * F
     p_dv = dv + (i_b * hkv + i_j).to(tl.int64) * T * DV
-    b_wk, b_bk = _weights(wk + i_j * D * F, bk + i_j * F, F, D, FMAP, HAS_KB, BD, BF)
+    b_bk = _bias(bk + i_j * F, F, HAS_KB, BF)
     o_state = (i_n * hkv + i_j).to(tl.int64) * FW
     if HAS_GS:
         b_dsp, b_dsn, b_dzp, b_dzn = _load_state(gs + o_state * DV, gz + o_state, o_v, DV, F, FMAP, BF)
@@ -565,8 +553,6 @@ def _bwd_kv_kernel(
         b_dsn = tl.zeros([BF, BV], dtype=tl.float32)
         b_dzp = tl.zeros([BF], dtype=tl.float32)
         b_dzn = tl.zeros([BF], dtype=tl.float32)
-    b_dw = tl.zeros([BD, BF], dtype=tl.float32)
-    b_db = tl.zeros([BF], dtype=tl.float32)
     n_chunks = tl.cdiv(eos - bos, BT)
     if not CAUSAL:  # every query reads every key: dS, dz over the whole sequence first
         for c in range(0, n_chunks):
@@ -583,7 +569,7 @@ def _bwd_kv_kernel(
         c = n_chunks - 1 - i
         o_t = bos + c * BT + o_i
         m_t = o_t < eos
-        b_x, b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, b_wk, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
+        b_kp, b_kn = _features(p_k, s_kt, o_t, m_t, wk + i_j * D * F, b_bk, F, D, FMAP, BD, BF, PREC, UPCAST)
         b_v = _load_rows(p_v, s_vt, o_t, m_t, DV, BV)
         # Through the state of the later chunks (before this chunk's queries join dS).
         b_dkp = _mm(b_v, tl.trans(b_dsp), v, False, PREC, UPCAST) + b_dzp[None, :]  # [BT, BV] @ [BV, BF]
@@ -607,20 +593,9 @@ def _bwd_kv_kernel(
                     b_dkn += _mm(b_pt, b_qn, v, False, PREC, UPCAST)
                 b_dsp, b_dsn, b_dzp, b_dzn = _accumulate_ds(b_qp, b_qn, b_rg, b_k, b_dsp, b_dsn, b_dzp, b_dzn, v,
                                                             FMAP, PREC, UPCAST)
-        b_dx, b_du = _features_backward(b_x, b_kp, b_kn, b_dkp, b_dkn, b_wk, FMAP, PREC)
-        _store_rows(p_dk, DK, o_t, m_t, b_dx, DK, BK)
+        _store_rows(p_dk, F, o_t, m_t, _features_backward(b_kp, b_kn, b_dkp, b_dkn, FMAP), F, BF)
         _store_rows(p_dv, DV, o_t, m_t, b_dv, DV, BV)
-        if FMAP:
-            b_dw += tl.dot(tl.trans(b_x), b_du, input_precision=PREC)  # [BD, BT] @ [BT, BF] -> [BD, BF]
-            b_db += tl.sum(b_du, axis=0)
     _store_state(ds0 + o_state * DV, dz0 + o_state, o_v, b_dsp, b_dsn, b_dzp, b_dzn, True, DV, F, FMAP, BF)
-    if FMAP:
-        o_d = tl.arange(0, BD)
-        o_part = (i_n * hkv + i_j).to(tl.int64)
-        tl.store(dwk + o_part * D * F + o_d[:, None] * F + o_f[None, :], b_dw,
-                 mask=(o_d < D)[:, None] & (o_f < F)[None, :])
-        if HAS_KB:
-            tl.store(dbk + o_part * F + o_f, b_db, mask=o_f < F)
 
 
 @triton.jit
@@ -629,8 +604,8 @@ def _query_side(q, wq, bq, go, rr, kk, i_b, i_h, hq, T, o_t, m_t, s_qb, s_qh, s_
                 BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """What the key pass needs of query head i_h at tokens o_t: (G, Q_p, Q_n, r, k)."""
     p_q = q + i_b * s_qb + i_h.to(tl.int64) * s_qh
-    b_wq, b_bq = _weights(wq + i_h * D * F, bq + i_h * F, F, D, FMAP, HAS_QB, BD, BF)
-    b_qx, b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, b_wq, b_bq, F, D, FMAP, BD, BF,
+    b_bq = _bias(bq + i_h * F, F, HAS_QB, BF)
+    b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, wq + i_h * D * F, b_bq, F, D, FMAP, BD, BF,
                               PREC, UPCAST)
     b_g = _load_rows(go + i_b * s_gb + i_h.to(tl.int64) * s_gh, s_gt, o_t, m_t, DV, BV)
     o_row = (i_b * hq + i_h).to(tl.int64) * T + o_t
@@ -665,16 +640,18 @@ def _pad(n: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(n))
 
 
-def _tiles(d: int, f: int, dv: int, target: Target) -> dict:
+def _tiles(d: int, f: int, dv: int, target: Target, backward: bool = False) -> dict:
     """Chunk and tile sizes and launch options. Interpreter: the 16-token minimum chunk (cheap there,
-    and the tests see many chunks), all of Dv in one tile. GPUs: 32-token chunks, Dv tiles of 64 in
-    the forward and the query pass, 8 warps, no software pipelining (its prefetch buffers only added
-    registers and shared memory). NOT spill-free yet: at the benchmark shape (D 128, F 64, Dv 128,
-    bf16) bench/triton_aot.py reports every kernel but _states_kernel at 255 registers with spills
-    (bench/results/triton_aot.md); 64-token chunks, 4 warps or Dv tiles of 32 spilled as much or
-    more (Triton 3.9)."""
+    and the tests see many chunks), all of Dv in one tile. GPUs: 8 warps, no software pipelining
+    (its prefetch buffers only added registers and shared memory); forward 32-token chunks and Dv
+    tiles of 64; backward (more live tiles per chunk) 16-token chunks and Dv tiles of 32. Measured
+    by bench/triton_aot.py at the bench shape (D 128, F 64, Dv 128, bf16; Triton 3.9): 64-token
+    chunks, 4 warps or the backward at 32 tokens spilled more; see bench/results/triton_aot.md for
+    what still spills."""
     if target.interpreted:
         return dict(BT=MIN_DOT, BD=_pad(d), BF=_pad(f), BV=_pad(dv), num_warps=4)
+    if backward:
+        return dict(BT=16, BD=_pad(d), BF=_pad(f), BV=min(_pad(dv), 32), num_warps=8, num_stages=1)
     return dict(BT=32, BD=_pad(d), BF=_pad(f), BV=min(_pad(dv), 64), num_warps=8, num_stages=1)
 
 
@@ -780,8 +757,9 @@ def hedgehog_attention(q, k, v, q_weight, k_weight, q_bias, k_bias, causal, eps,
 
 
 def _plan_backward(grad_out, grad_S, grad_z, q, k, v, fmap, causal, eps, s0, z0, cu_seqlens, target):
-    """Shared plan of both backward ops: the launches and (dq, dk, dv, dwq, dwk, dbq, dbk, dS0, dz0),
-    the weight and bias gradients as fp32 partials per sequence ([N, ...], summed by the caller)."""
+    """Shared plan of both backward ops: the launches and (dq, dk, dv, dS0, dz0); with a feature map
+    dq, dk are the fp32 pre-softmax gradients du_q, du_k [B, H, T, F] that `_feature_grads` turns
+    into dq, dk and the weight and bias gradients."""
     B, Hq, T, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     q, k, v, N, cu, varlen = _common(q, k, v, cu_seqlens)
@@ -789,7 +767,7 @@ def _plan_backward(grad_out, grad_S, grad_z, q, k, v, fmap, causal, eps, s0, z0,
     grad_S, grad_z, s0, z0 = _dense(grad_S), _dense(grad_z), _dense(s0), _dense(z0)
     wq, wk, bq, bk, D, F, biases = _feature_args(fmap, q)
     fw = F if fmap is None else 2 * F
-    tiles = _tiles(D, F, Dv, target)
+    tiles = _tiles(D, F, Dv, target, backward=True)
     BT = tiles["BT"]
     n_slots = T // BT + N if varlen else N * triton.cdiv(T, BT)
     dev, f32 = q.device, torch.float32
@@ -797,18 +775,15 @@ def _plan_backward(grad_out, grad_S, grad_z, q, k, v, fmap, causal, eps, s0, z0,
     slots_z = torch.empty((n_slots, Hkv, fw), dtype=f32, device=dev)
     rr = torch.empty((B, Hq, T), dtype=f32, device=dev)
     kk = torch.empty((B, Hq, T), dtype=f32, device=dev)
-    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+    if fmap is None:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    else:  # zeros: tokens outside every segment (cu_seqlens[-1] < T) add nothing to dW
+        dq = torch.zeros((B, Hq, T, F), dtype=f32, device=dev)
+        dk = torch.zeros((B, Hkv, T, F), dtype=f32, device=dev)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     ds0 = torch.empty((N, Hkv, fw, Dv), dtype=f32, device=dev)
     dz0 = torch.empty((N, Hkv, fw), dtype=f32, device=dev)
-    if fmap is None:
-        dwq = dwk = dbq = dbk = None
-    else:
-        dwq = torch.empty((N, Hq, D, F), dtype=f32, device=dev)
-        dwk = torch.empty((N, Hkv, D, F), dtype=f32, device=dev)
-        dbq = torch.empty((N, Hq, F), dtype=f32, device=dev) if biases["HAS_QB"] else None
-        dbk = torch.empty((N, Hkv, F), dtype=f32, device=dev) if biases["HAS_KB"] else None
     dummy = slots_z
     common = dict(D=D, F=F, DV=Dv, FMAP=fmap is not None, CAUSAL=bool(causal), VARLEN=varlen, **biases,
                   **tiles, **_precision(q.dtype, target))
@@ -820,17 +795,15 @@ def _plan_backward(grad_out, grad_S, grad_z, q, k, v, fmap, causal, eps, s0, z0,
             T, *kstr, *vstr,
         ), dict(common, HAS_S0=s0 is not None)),
         Launch(_bwd_q_kernel, (Hq, N), (
-            q, k, v, wq, wk, bq, bk, grad_out, slots_s, slots_z, rr, kk, dq,
-            dummy if dwq is None else dwq, dummy if dbq is None else dbq, cu, T, float(eps),
+            q, k, v, wq, wk, bq, bk, grad_out, slots_s, slots_z, rr, kk, dq, cu, T, float(eps),
             *qstr, *kstr, *vstr, *gstr,
         ), dict(common, G=Hq // Hkv)),
         Launch(_bwd_kv_kernel, (Hkv, N), (
             q, k, v, wq, wk, bq, bk, grad_out, rr, kk, dummy if grad_S is None else grad_S,
-            dummy if grad_z is None else grad_z, dk, dv, dummy if dwk is None else dwk, dummy if dbk is None else dbk,
-            ds0, dz0, cu, T, *qstr, *kstr, *vstr, *gstr,
+            dummy if grad_z is None else grad_z, dk, dv, ds0, dz0, cu, T, *qstr, *kstr, *vstr, *gstr,
         ), dict(full_v, G=Hq // Hkv, HAS_GS=grad_S is not None)),
     ]
-    return launches, (dq, dk, dv, dwq, dwk, dbq, dbk, ds0, dz0)
+    return launches, (dq, dk, dv, ds0, dz0)
 
 
 def plan_linear_attention_backward(grad_out, grad_S, grad_z, q, k, v, causal, eps, initial_S, initial_z, cu_seqlens,
@@ -853,10 +826,19 @@ def _empty(like):
     return like.new_empty((0,))
 
 
+def _feature_grads(x, du, weight, bias):
+    """(dx, dW, db) of u = x W + b [B, H, T, F] from the kernels' fp32 du: dx = du W^T, dW = sum over
+    tokens of x^T du, db = sum du, as fp32 torch matmuls (no TF32: torch's default for fp32)."""
+    dx = torch.einsum("bhtf,hdf->bhtd", du, weight.float()).to(x.dtype)
+    dw = torch.einsum("bhtd,bhtf->hdf", x.float(), du).to(weight.dtype)
+    db = _empty(x) if bias is None else du.sum((0, 2)).to(bias.dtype)
+    return dx, dw, db
+
+
 def linear_attention_backward(grad_out, grad_S, grad_z, q, k, v, causal, eps, initial_S, initial_z, cu_seqlens):
     """Gradients (dq, dk, dv, dS0, dz0) of linear_attention (the backward op's arguments, schema
     order); dS0, dz0 empty without an initial state."""
-    dq, dk, dv, _, _, _, _, ds0, dz0 = run_plan(
+    dq, dk, dv, ds0, dz0 = run_plan(
         plan_linear_attention_backward, q.device, grad_out, grad_S, grad_z, q, k, v, causal, eps, initial_S,
         initial_z, cu_seqlens)
     if initial_S is None:
@@ -874,12 +856,11 @@ def hedgehog_attention_backward(grad_out, grad_S, grad_z, q, k, v, q_weight, k_w
         raise ValueError("pyfast.hedgehog_attention_backward: expected window 0 for backend 'triton' (the Triton "
                          "backward of the sliding-window hybrid is not implemented; use backend 'cpu' or "
                          f"'reference'), got {window}")
-    dq, dk, dv, dwq, dwk, dbq, dbk, ds0, dz0 = run_plan(
+    du_q, du_k, dv, ds0, dz0 = run_plan(
         plan_hedgehog_attention_backward, q.device, grad_out, grad_S, grad_z, q, k, v, q_weight, k_weight, q_bias,
         k_bias, causal, eps, initial_S, initial_z, window, alpha, beta, scale, cu_seqlens)
-    dwq, dwk = dwq.sum(0).to(q_weight.dtype), dwk.sum(0).to(k_weight.dtype)
-    dbq = _empty(q) if q_bias is None else dbq.sum(0).to(q_bias.dtype)
-    dbk = _empty(q) if k_bias is None else dbk.sum(0).to(k_bias.dtype)
+    dq, dwq, dbq = _feature_grads(q, du_q, q_weight, q_bias)
+    dk, dwk, dbk = _feature_grads(k, du_k, k_weight, k_bias)
     if initial_S is None:
         ds0, dz0 = _empty(q), _empty(q)
     da = _empty(q) if alpha is None else torch.zeros_like(alpha)
