@@ -866,3 +866,47 @@ def hedgehog_attention_backward(grad_out, grad_S, grad_z, q, k, v, q_weight, k_w
     da = _empty(q) if alpha is None else torch.zeros_like(alpha)
     dbt = _empty(q) if beta is None else torch.zeros_like(beta)
     return dq, dk, dv, dwq, dwk, dbq, dbk, ds0, dz0, da, dbt
+
+
+# ----------------------------------------------------------------------------------------------
+# hedgehog_feature_map: the standalone feature map (the attention kernels compute it inline)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _feature_map_kernel(x, w, b, out, T, s_xb, s_xh, s_xt, s_ob, s_oh, s_ot, H, F: tl.constexpr,
+                        D: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                        BF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """grid (T tiles, B * H): phi of BT rows of one (b, h), both halves, into out [.., 2F]."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    b_b = _bias(b + i_h * F, F, HAS_BIAS, BF)
+    p_x = x + i_b.to(tl.int64) * s_xb + i_h.to(tl.int64) * s_xh
+    b_p, b_n = _features(p_x, s_xt, o_t, m_t, w + i_h * D * F, b_b, F, D, True, BD, BF, PREC, UPCAST)
+    p_o = out + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh
+    _store_rows(p_o, s_ot, o_t, m_t, b_p, F, BF)
+    _store_rows(p_o + F, s_ot, o_t, m_t, b_n, F, BF)
+
+
+def plan_hedgehog_feature_map(x, weight, bias, *, target: Target):
+    """The launch of `hedgehog_feature_map` on `target` and its output: one program per (BT rows,
+    b, h), x @ W in D slices as in the attention kernels; 32 rows on GPUs (16 in the interpreter)."""
+    b, h, t, d = x.shape
+    f = weight.shape[2]
+    x = _unit_last(x)
+    out = torch.empty((b, h, t, 2 * f), dtype=x.dtype, device=x.device)
+    bt = MIN_DOT if target.interpreted else 32
+    w = weight.contiguous()
+    bias_arg = w if bias is None else bias.contiguous()
+    return [Launch(_feature_map_kernel, (triton.cdiv(t, bt), b * h), (
+        x, w, bias_arg, out, t, *x.stride()[:3], *out.stride()[:3], h,
+    ), dict(F=f, D=d, HAS_BIAS=bias is not None, BT=bt, BD=_pad(d), BF=_pad(f), **_precision(x.dtype, target),
+            num_warps=4))], out
+
+
+def hedgehog_feature_map(x, weight, bias):
+    """phi(x) (the op's arguments, schema order; the op checked them): x [B, H, T, D] ->
+    [B, H, T, 2F] in x's dtype."""
+    return run_plan(plan_hedgehog_feature_map, x.device, x, weight, bias)

@@ -171,6 +171,17 @@ def _default_cuda(op: str, covers=lambda args: False):
     return pick
 
 
+def _triton(name: str):
+    """The Triton launcher `name` of kernels/hedgehog.py (imported on first use: triton is optional)."""
+
+    def launch(*args):
+        from pyfast.kernels import hedgehog as launchers
+
+        return getattr(launchers, name)(*args)
+
+    return launch
+
+
 # ---------------------------------------------------------------------------------------------
 # hedgehog_feature_map
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +225,10 @@ FEATURE_MAP_OP = _registry.define(_registry.OpDef(
     differentiable=("x", "weight", "bias"),
     impls={
         "cpu": _ops.kernel("hedgehog_feature_map_cpu"),
+        "triton": _triton(FEATURE_MAP),
         "reference": reference.feature_map,
     },
+    default_cuda=_default_cuda(FEATURE_MAP),
 ))
 
 
@@ -331,17 +344,6 @@ def _cpu_backward(name: str):
         return tuple(args[3].new_empty(_EMPTY_SHAPE) if g is None else g for g in kernel(*args))
 
     return backward
-
-
-def _triton(name: str):
-    """The Triton launcher `name` of kernels/hedgehog.py (imported on first use: triton is optional)."""
-
-    def launch(*args):
-        from pyfast.kernels import hedgehog as launchers
-
-        return getattr(launchers, name)(*args)
-
-    return launch
 
 
 def _grad_fake(fwd_args, tensors):

@@ -113,6 +113,22 @@ def test_linear_attention(dtype, causal):
     assert_close(z, wz, state_tol(dtype), "z_T")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", [(2, 3, 33, 20, 17), (1, 1, 1, 16, 16), (1, 2, 70, 130, 40)], ids=shape_id)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_feature_map(shape, dtype, bias):
+    """The standalone feature map (the attention kernels compute it inline): odd T around the
+    16-row tile, D above the 32-column slice, F not a power of two, a strided x (every other row)."""
+    b, h, t, d, f = shape
+    p = make_problem(b, h, h, 2 * t, d, f, 16, dtype, bias=bias)
+    x = p["q"][:, :, ::2]
+    got = pyfast.hedgehog_feature_map(x.to(DEVICE), p["q_weight"].to(DEVICE),
+                                      p["q_bias"].to(DEVICE) if bias else None, backend="triton")
+    want = ref.feature_map(x, p["q_weight"], p.get("q_bias"))
+    assert got.dtype == dtype and got.shape == (b, h, t, 2 * f)
+    assert_close(got, want, tol(dtype, "triton"), "phi")
+
+
 @pytest.mark.parametrize("where", ["q", "k"])
 @pytest.mark.parametrize("window", [0, 3])
 def test_nan_reaches_only_where_the_reference_puts_it(window, where):
@@ -200,5 +216,5 @@ def test_window_backward_is_refused():
 
 
 def test_default_on_cuda_is_triton():
-    for op in ("linear_attention", "linear_attention_backward", "hedgehog_attention_backward"):
+    for op in ("hedgehog_feature_map", "linear_attention", "linear_attention_backward", "hedgehog_attention_backward"):
         assert _registry.REGISTRY[op].default_cuda() == "triton", op
