@@ -190,6 +190,20 @@ def _load_state(p_s, p_z, o_v, DV: tl.constexpr, F: tl.constexpr, FMAP: tl.const
 
 
 @triton.jit
+def _state_or_zeros(p_s, p_z, o_v, HAS: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, FMAP: tl.constexpr,
+                    BF: tl.constexpr, BV: tl.constexpr):
+    """_load_state when HAS (an initial state, or a state gradient), else a zero state."""
+    if HAS:
+        b_sp, b_sn, b_zp, b_zn = _load_state(p_s, p_z, o_v, DV, F, FMAP, BF)
+    else:
+        b_sp = tl.zeros([BF, BV], dtype=tl.float32)
+        b_sn = tl.zeros([BF, BV], dtype=tl.float32)
+        b_zp = tl.zeros([BF], dtype=tl.float32)
+        b_zn = tl.zeros([BF], dtype=tl.float32)
+    return b_sp, b_sn, b_zp, b_zn
+
+
+@triton.jit
 def _store_state(p_s, p_z, o_v, b_sp, b_sn, b_zp, b_zn, STORE_Z, DV: tl.constexpr, F: tl.constexpr,
                  FMAP: tl.constexpr, BF: tl.constexpr):
     o_f = tl.arange(0, BF)
@@ -289,13 +303,7 @@ def _fwd_kernel(
     p_o = out + i_b * s_ob + i_h.to(tl.int64) * s_oh + i_v * BV
     b_bq, b_bk = _bias(bq + i_h * F, F, HAS_QB, BF), _bias(bk + i_j * F, F, HAS_KB, BF)
     o_state = (i_n * hkv + i_j).to(tl.int64) * FW
-    if HAS_S0:
-        b_sp, b_sn, b_zp, b_zn = _load_state(s0 + o_state * DV, z0 + o_state, o_v, DV, F, FMAP, BF)
-    else:
-        b_sp = tl.zeros([BF, BV], dtype=tl.float32)
-        b_sn = tl.zeros([BF, BV], dtype=tl.float32)
-        b_zp = tl.zeros([BF], dtype=tl.float32)
-        b_zn = tl.zeros([BF], dtype=tl.float32)
+    b_sp, b_sn, b_zp, b_zn = _state_or_zeros(s0 + o_state * DV, z0 + o_state, o_v, HAS_S0, DV, F, FMAP, BF, BV)
     n_chunks = tl.cdiv(eos - bos, BT)
     if not CAUSAL:  # the whole sequence's state first
         for c in range(0, n_chunks):
@@ -418,14 +426,8 @@ def _states_kernel(
     p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
     p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh + i_v * BV
     b_bk = _bias(bk + i_j * F, F, HAS_KB, BF)
-    if HAS_S0:
-        o_state = (i_n * hkv + i_j).to(tl.int64) * FW
-        b_sp, b_sn, b_zp, b_zn = _load_state(s0 + o_state * DV, z0 + o_state, o_v, DV, F, FMAP, BF)
-    else:
-        b_sp = tl.zeros([BF, BV], dtype=tl.float32)
-        b_sn = tl.zeros([BF, BV], dtype=tl.float32)
-        b_zp = tl.zeros([BF], dtype=tl.float32)
-        b_zn = tl.zeros([BF], dtype=tl.float32)
+    o_state = (i_n * hkv + i_j).to(tl.int64) * FW
+    b_sp, b_sn, b_zp, b_zn = _state_or_zeros(s0 + o_state * DV, z0 + o_state, o_v, HAS_S0, DV, F, FMAP, BF, BV)
     n_chunks = tl.cdiv(eos - bos, BT)
     for c in range(0, n_chunks):
         if CAUSAL:
@@ -546,13 +548,7 @@ def _bwd_kv_kernel(
     p_dv = dv + (i_b * hkv + i_j).to(tl.int64) * T * DV
     b_bk = _bias(bk + i_j * F, F, HAS_KB, BF)
     o_state = (i_n * hkv + i_j).to(tl.int64) * FW
-    if HAS_GS:
-        b_dsp, b_dsn, b_dzp, b_dzn = _load_state(gs + o_state * DV, gz + o_state, o_v, DV, F, FMAP, BF)
-    else:
-        b_dsp = tl.zeros([BF, BV], dtype=tl.float32)
-        b_dsn = tl.zeros([BF, BV], dtype=tl.float32)
-        b_dzp = tl.zeros([BF], dtype=tl.float32)
-        b_dzn = tl.zeros([BF], dtype=tl.float32)
+    b_dsp, b_dsn, b_dzp, b_dzn = _state_or_zeros(gs + o_state * DV, gz + o_state, o_v, HAS_GS, DV, F, FMAP, BF, BV)
     n_chunks = tl.cdiv(eos - bos, BT)
     if not CAUSAL:  # every query reads every key: dS, dz over the whole sequence first
         for c in range(0, n_chunks):
