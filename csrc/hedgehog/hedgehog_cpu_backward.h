@@ -58,16 +58,18 @@ struct Partials {  // one thread's sums (zero-initialised by the host)
   float* dbeta;   // [Hq]
 };
 
-// Causal: the state entering every chunk (S^T [Dv, F2p] and z [F2p], one "slot") is kept between the
-// forward pre-pass and the reverse pass, at most state_bytes per thread (default kStateBytes, about
-// 64k tokens at F2 = 128, Dv = 64); longer sequences are done in blocks of that many chunks, each
-// block's states recomputed from a checkpoint at its start (one more K pass over those chunks).
+// Causal: the state entering every chunk (S^T [Dv, F2p] and z [F2p]) and the chunk's key features
+// ([kChunk, F2p]), one "slot", are kept between the forward pre-pass and the reverse pass, so the
+// reverse pass computes no key features; at most state_bytes per thread (default kStateBytes, about
+// 32k tokens at F2 = 128, Dv = 64); longer sequences are done in blocks of that many chunks, each
+// block's slots recomputed from a checkpoint (a state only) at its start (one more K pass over those
+// chunks).
 constexpr int64_t kStateBytes = int64_t{32} << 20;
 
 // The fp32 scratch of one thread (offsets in floats, each a multiple of kLanes). tmax = the longest
 // sequence.
 struct Layout {
-  int64_t Dp, Fp, F2p, Dvp, G, wb, slot, nslots, nckpt;
+  int64_t Dp, Fp, F2p, Dvp, G, wb, state, slot, nslots, nckpt;  // state: floats of S^T and z
   int64_t xq, xk, u, qf, kf, kft, vv, vt, gr, ga, m, pm, st, z, dst, r, dqf, dkf, du, dx, ds, dz, dva, rows;
   int64_t slots, ckpts, sc, e, gv, qs, dqrow, total;
 
@@ -75,7 +77,7 @@ struct Layout {
     const int64_t C = kChunk;
     Dp = pad16(p.D), Fp = pad16(p.F), F2p = pad16(p.F2), Dvp = pad16(p.Dv), G = p.Hq / p.Hkv;
     wb = p.window > 0 ? pad16(p.window < tmax ? p.window : tmax) : 0;
-    slot = pad16(p.Dv * F2p + F2p);
+    state = pad16(p.Dv * F2p + F2p), slot = state + C * F2p;
     const int64_t nchunks = (tmax + C - 1) / C, cap = state_bytes / 4 / slot > 1 ? state_bytes / 4 / slot : 1;
     nslots = p.causal ? (nchunks < cap ? nchunks : cap) : 0;
     nckpt = nslots ? (nchunks + nslots - 1) / nslots : 0;
@@ -90,7 +92,7 @@ struct Layout {
     r = take(C * F2p), dqf = take(C * F2p), dkf = take(C * F2p), du = take(C * Fp), dx = take(C * Dp);
     ds = take(F2p * Dvp), dz = take(F2p), dva = take(C * Dvp);  // running dS [F2p, Dv], dz; dv of a chunk
     rows = take(2 * C);                                         // r_t, k_t of a chunk's rows
-    slots = take(nslots * slot), ckpts = take(nckpt * slot);    // chunk-entry states, block checkpoints
+    slots = take(nslots * slot), ckpts = take(nckpt * state);  // chunk-entry states + key features, block checkpoints
     sc = take(wb), e = take(wb), gv = take(wb), qs = take(Dp), dqrow = take(Dp);  // window band of one row
     total = at;
   }
