@@ -151,6 +151,7 @@ struct Task {
     D = p.D, Dp = l.Dp, F = p.F, Fp = l.Fp, F2 = p.F2, F2p = l.F2p, Dv = p.Dv, Dvp = l.Dvp;
   }
 
+  mutable const float* kf_ = nullptr;  // the current chunk's key features (scratch or slot), set by load_keys
   float* buf(int64_t off) const { return sp + off; }
   const T* in_row(const Rows& r, int64_t h, int64_t tok) const {
     return static_cast<const T*>(r.p) + b * r.sb + h * r.sh + tok * r.st;
@@ -230,10 +231,10 @@ struct Task {
     load(p.q, h, tok, nr, D, buf(l.xq), Dp);
     phi(buf(l.xq), nr, p.wq + h * D * Fp, p.bq ? p.bq + h * Fp : nullptr, buf(l.qf));
   }
-  void k_features(int64_t tok, int64_t nr) const {
-    if (!p.feature_map) return load(p.k, j, tok, nr, F2, buf(l.kf), F2p);
+  void k_features(int64_t tok, int64_t nr, float* kf) const {
+    if (!p.feature_map) return load(p.k, j, tok, nr, F2, kf, F2p);
     load(p.k, j, tok, nr, D, buf(l.xk), Dp);
-    phi(buf(l.xk), nr, p.wk + j * D * Fp, p.bk ? p.bk + j * Fp : nullptr, buf(l.kf));
+    phi(buf(l.xk), nr, p.wk + j * D * Fp, p.bk ? p.bk + j * Fp : nullptr, kf);
   }
 
   // Feature gradient df [nr, F2p] of rows x (features f) back into dx rows (stored to out [., D], or
@@ -354,25 +355,26 @@ struct Task {
 
   // S^T += V^T K, z += sum K over the nr keys in kf, vv (the state kept transposed: R = G S^T reads it).
   void state_update(int64_t nr, float* st, float* z) const {
-    const float* kf = buf(l.kf);
+    const float* kf = kf_;
     Gemm::run(Dv, F2p / kLanes, nr, buf(l.vv), 1, Dvp, kf, F2p, st, F2p, true);  // [Dv, nr] @ [nr, F2]
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t c = 0; c < F2p; c += kLanes) Isa::storef(z + c, Isa::add(Isa::loadf(z + c), Isa::loadf(kf + r * F2p + c)));
   }
 
-  // Keys [i0, i0 + nr) of the linear part: features (computed, or copied from a slot's `cached`
-  // ones with only the raw rows reloaded for the feature-map gradient), v (and the transposes the
-  // causal parts need).
-  void load_keys(int64_t i0, int64_t nr, bool transposes, const float* cached = nullptr) const {
+  // Keys [i0, i0 + nr) of the linear part: features (computed into `into`, default the scratch, or
+  // read from a slot's `cached` ones with only the raw rows reloaded for the feature-map gradient;
+  // kf_ points at them), v (and the transposes the causal parts need).
+  void load_keys(int64_t i0, int64_t nr, bool transposes, const float* cached = nullptr, float* into = nullptr) const {
     if (!cached) {
-      k_features(t0 + i0, nr);
+      kf_ = into ? into : buf(l.kf);
+      k_features(t0 + i0, nr, into ? into : buf(l.kf));
     } else {
-      std::copy_n(cached, nr * F2p, buf(l.kf));
+      kf_ = cached;
       if (p.feature_map) load(p.k, j, t0 + i0, nr, D, buf(l.xk), Dp);
     }
     load(p.v, j, t0 + i0, nr, Dv, buf(l.vv), Dvp);
     if (transposes) {
-      transpose(buf(l.kf), F2p, nr, F2, buf(l.kft), C);
+      transpose(kf_, F2p, nr, F2, buf(l.kft), C);
       transpose(buf(l.vv), Dvp, nr, Dv, buf(l.vt), C);
     }
   }
@@ -461,7 +463,7 @@ struct Task {
     }
     if (causal) {
       make_p(nr, rr, kk);
-      Gemm::run(nr, F2p / kLanes, nr, pm, C, 1, buf(l.kf), F2p, dqf, F2p, true, Tri::kKLower);  // [nr, nr] @ [nr, F2]
+      Gemm::run(nr, F2p / kLanes, nr, pm, C, 1, kf_, F2p, dqf, F2p, true, Tri::kKLower);  // [nr, nr] @ [nr, F2]
     }
     features_backward(buf(l.xq), qf, dqf, nr, p.feature_map ? p.wqt + h * F * Dp : nullptr,
                       out_row(p.dq, p.Hq, h, tq, D), acc.dwq ? acc.dwq + h * D * Fp : nullptr,
@@ -494,12 +496,12 @@ struct Task {
     const float* dz = buf(l.dz);
     for (int64_t t = 0; t < nr; ++t)
       for (int64_t c = 0; c < F2p; c += kLanes) Isa::storef(dkf + t * F2p + c, Isa::add(Isa::loadf(dkf + t * F2p + c), Isa::loadf(dz + c)));
-    Gemm::run(nr, Dvp / kLanes, F2, buf(l.kf), F2p, 1, buf(l.ds), Dvp, buf(l.dva), Dvp, false);  // [nr, F2] @ [F2, Dv]
+    Gemm::run(nr, Dvp / kLanes, F2, kf_, F2p, 1, buf(l.ds), Dvp, buf(l.dva), Dvp, false);  // [nr, F2] @ [F2, Dv]
   }
 
   // dK (dkf) and dv (dva) of the chunk's keys [i0, i0 + nr) into dk, dv, dW_k, db_k.
   void key_rows_out(int64_t i0, int64_t nr) const {
-    features_backward(buf(l.xk), buf(l.kf), buf(l.dkf), nr, p.feature_map ? p.wkt + j * F * Dp : nullptr,
+    features_backward(buf(l.xk), kf_, buf(l.dkf), nr, p.feature_map ? p.wkt + j * F * Dp : nullptr,
                       out_row(p.dk, p.Hkv, j, t0 + i0, D), acc.dwk ? acc.dwk + j * D * Fp : nullptr,
                       p.bk ? acc.dbk + j * Fp : nullptr);
     float* dvo = out_row(p.dv, p.Hkv, j, t0 + i0, Dv);
@@ -538,8 +540,7 @@ struct Task {
         float* slot = buf(l.slots) + (c - c0) * l.slot;
         prefetch_chunk((c + 1) * C, c + 1 < c1 ? rows(c + 1) : 0, false);
         save(slot);
-        load_keys(c * C, rows(c), false);
-        std::copy_n(buf(l.kf), rows(c) * F2p, slot + l.state);
+        load_keys(c * C, rows(c), false, nullptr, slot + l.state);
         if (c + 1 < c1) state_update(C, st, z);  // no chunk of this block reads the state after it
       }
     };
@@ -559,7 +560,10 @@ struct Task {
       fill(c0, c1);
       for (int64_t c = c1 - 1; c >= c0; --c) {
         const float* sl = buf(l.slots) + (c - c0) * l.slot;
-        prefetch_chunk((c - 1) * C, c > c0 ? C : 0, true);
+        if (c > c0) {  // the next slot back into L2 too: the slots outgrow it (~1 KiB a token)
+          prefetch_chunk((c - 1) * C, C, true);
+          for (int64_t o = 0; o < l.slot; o += 16) __builtin_prefetch(sl - l.slot + o, 0, 2);
+        }
         reverse_chunk(c * C, rows(c), sl, sl + sz, sl + l.state);
       }
     }
