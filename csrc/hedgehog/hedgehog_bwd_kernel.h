@@ -2,7 +2,7 @@
 // this after defining `Isa` inside an anonymous namespace (see hedgehog_cpu_backward_avx512.cpp).
 // Isa derives from Vec16 (common/cpu_vec16_*.h) and adds maxv, exp, loadf_n/storef_n (n < 16 lanes,
 // zeros past n, no access past n), fill_tail(v, n, x) (lanes >= n set to x), gather(p, stride, n)
-// (p[i * stride] for i < n, zeros past n) and load<E>(p, n).
+// (p[i * stride] for i < n, zeros past n); load<E>(p, n) comes from Vec16.
 //
 // Math (pyfast/reference/hedgehog.py; per query head h, its KV head j, features Q = phi_q(q),
 // K = phi_k(k)). Forward: num_t = Q_t S_t, den_t = Q_t . z_t + eps, out_t = num_t / den_t (the hybrid
@@ -23,9 +23,6 @@
 // Window hybrid: the linear part of query t reads the keys s <= t - window, i.e. linear index
 // i = t - window over the keys [0, T - window); its gradients carry alpha. The window part is done
 // row by row (band_row).
-
-template <Elem E> struct ElemT { using T = uint16_t; };
-template <> struct ElemT<Elem::kF32> { using T = float; };
 
 using V = typename Isa::V;
 

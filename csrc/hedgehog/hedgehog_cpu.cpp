@@ -25,14 +25,6 @@
 namespace pyfast::hedgehog {
 namespace {
 
-Elem elem_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Elem::kF32;
-    case at::kHalf: return Elem::kF16;
-    default: return Elem::kBF16;  // the registry admits float32, float16 and bfloat16 only
-  }
-}
-
 Strided strided(const at::Tensor& t) {  // [B, H, T, *] or [B, H, *]
   return Strided{t.data_ptr(), t.stride(0), t.stride(1), t.dim() == 4 ? t.stride(2) : 0};
 }

@@ -5,9 +5,9 @@
 #pragma once
 #include <cstdint>
 
-namespace pyfast::hedgehog {
+#include "common/cpu_elem.h"  // Elem: the q/k/v element type
 
-enum class Elem : int32_t { kF32, kF16, kBF16 };  // q/k/v/out element type; 16-bit ones as raw bits
+namespace pyfast::hedgehog {
 
 constexpr int kLanes = 16;  // fp32 lanes per vector; Dv is padded to Dvp = a multiple of 16
 constexpr int kChunk = 64;  // tokens per chunk: intra-chunk products are [64 x FF] x [FF x 64]

@@ -30,45 +30,6 @@ namespace pyfast::hedgehog {
 namespace {
 
 struct Isa : Vec16 {
-  static inline __mmask16 first(int64_t n) {
-    return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
-  }
-
-  // n <= 16 elements of type E as fp32; masked loads never touch memory past element n.
-  template <Elem E>
-  static inline V load(const void* p, int64_t n) {
-    if constexpr (E == Elem::kF32) {
-      return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(n), p);
-    } else {
-      const __m256i h = n >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(first(n), p);
-      if constexpr (E == Elem::kF16) return _mm512_cvtph_ps(h);
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 = top half of fp32
-    }
-  }
-
-  // The first n lanes of v as type E, rounded to nearest even (NaN stays NaN).
-  template <Elem E>
-  static inline void store(void* p, V v, int64_t n) {
-    if constexpr (E == Elem::kF32) {
-      if (n >= 16) _mm512_storeu_ps(p, v);
-      else _mm512_mask_storeu_ps(p, first(n), v);
-    } else {
-      __m256i h;
-      if constexpr (E == Elem::kF16) {
-        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      } else {
-        // bf16: add 0x7FFF plus the lowest kept bit, keep the top 16 bits; NaN: quiet, truncated.
-        const __m512i x = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-        const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        const __m512i q = _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
-        h = _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, q));
-      }
-      if (n >= 16) _mm256_storeu_si256(static_cast<__m256i*>(p), h);
-      else _mm256_mask_storeu_epi16(p, first(n), h);
-    }
-  }
-
   static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
   static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
   static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
@@ -83,10 +44,10 @@ struct Isa : Vec16 {
   }
 
   // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 with ln 2 in two parts (|r| <= 0.35), e^r
-  // by its degree-7 Taylor series (truncation error < 6e-9 relative). Results that would be
-  // subnormal (x < -87.33) are flushed to zero: a sharp softmax makes many of them, and every
-  // later FMA on a subnormal operand would take a microcode assist. x is clamped to at most 89
-  // so large x gives inf through scalef; NaN passes through max/min (the second operand is
+  // by its degree-7 Taylor series (exp_taylor7, truncation error < 6e-9 relative). Results that
+  // would be subnormal (x < -87.33) are flushed to zero: a sharp softmax makes many of them, and
+  // every later FMA on a subnormal operand would take a microcode assist. x is clamped to at most
+  // 89 so large x gives inf through scalef; NaN passes through max/min (the second operand is
   // returned when either is NaN), scalef and the unordered compare.
   static inline V exp(V x) {
     const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33f), _CMP_NLT_UQ);
@@ -95,15 +56,7 @@ struct Isa : Vec16 {
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), r);
-    V p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
+    return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(exp_taylor7(r), n));
   }
 
   // r[i][c] -> r[c][i]. Per 128-bit lane: 32-bit interleave of row pairs, 64-bit interleave of

@@ -25,14 +25,6 @@ namespace {
 
 using bwd::pad16;
 
-bwd::Elem elem_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return bwd::Elem::kF32;
-    case at::kHalf: return bwd::Elem::kF16;
-    default: return bwd::Elem::kBF16;  // the registry admits float32, float16 and bfloat16 only
-  }
-}
-
 bwd::Rows rows_of(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 // [H, R, Cn] -> fp32 [H, R, pad16(Cn)], zero-padded (transposed first: [H, Cn, R] -> [H, Cn, pad16(R)]).

@@ -10,9 +10,9 @@
 #pragma once
 #include <cstdint>
 
-namespace pyfast::hedgehog::bwd {
+#include "common/cpu_elem.h"  // Elem: the q/k/v element type
 
-enum class Elem : int32_t { kF32, kF16, kBF16 };  // q/k/v/grad_out element type; 16-bit ones as raw bits
+namespace pyfast::hedgehog::bwd {
 
 constexpr int64_t kLanes = 16;  // fp32 lanes per vector; every scratch row is padded to a multiple
 constexpr int64_t kChunk = 64;  // tokens per chunk (the contract's chunk)

@@ -31,50 +31,28 @@ namespace pyfast::hedgehog::bwd {
 namespace {
 
 struct Isa : Vec16 {
-  static inline __mmask16 lanes(int64_t n) {
-    return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
-  }
   static inline V maxv(V a, V b) { return _mm512_max_ps(a, b); }
-  static inline V fill_tail(V a, int64_t n, float x) { return _mm512_mask_blend_ps(lanes(n), _mm512_set1_ps(x), a); }
-  static inline V loadf_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
-  static inline void storef_n(float* p, V a, int64_t n) { _mm512_mask_storeu_ps(p, lanes(n), a); }
+  static inline V fill_tail(V a, int64_t n, float x) { return _mm512_mask_blend_ps(first(n), _mm512_set1_ps(x), a); }
+  static inline V loadf_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static inline void storef_n(float* p, V a, int64_t n) { _mm512_mask_storeu_ps(p, first(n), a); }
 
   static inline V gather(const float* p, int64_t stride, int64_t n) {  // stride * 15 fits int32 (scratch rows)
     const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32(static_cast<int32_t>(stride)));
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes(n), idx, p, 4);
-  }
-
-  // n <= 16 elements of type E as fp32; masked loads never touch memory past element n.
-  template <Elem E>
-  static inline V load(const void* p, int64_t n) {
-    if constexpr (E == Elem::kF32) {
-      return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lanes(n), p);
-    } else {
-      const __m256i h = n >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(lanes(n), p);
-      if constexpr (E == Elem::kF16) return _mm512_cvtph_ps(h);
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 = top half of fp32
-    }
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first(n), idx, p, 4);
   }
 
   // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite, |r| <= ln2 / 2),
-  // e^r by its degree-7 Taylor series (truncation < 1e-8 relative). x is clamped to [-104, 88.7] so
-  // -inf gives 0 and scalef never sees an infinite exponent; NaN passes through max/min/scalef.
+  // e^r by its degree-7 Taylor series (exp_taylor7, truncation < 1e-8 relative). x is clamped to
+  // [-104, 88.7] so -inf gives 0 and scalef never sees an infinite exponent; NaN passes through
+  // max/min/scalef.
   static inline V exp(V x) {
     x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
     const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 = 0.693359375 - 2.12194440e-4
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    V q = _mm512_set1_ps(1.f / 5040.f);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 720.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 120.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 24.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 6.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(q, n);
+    return _mm512_scalef_ps(exp_taylor7(r), n);
   }
 };
 

@@ -24,15 +24,6 @@ struct Isa : Vec16 {
   static inline V gather(const float* p, int64_t stride, int64_t n) {
     return map([&](int i) { return i < n ? p[i * stride] : 0.f; });
   }
-  template <Elem E>
-  static inline V load(const void* p, int64_t n) {
-    return map([p, n](int i) -> float {
-      if (i >= n) return 0.f;
-      if constexpr (E == Elem::kF32) return static_cast<const float*>(p)[i];
-      const uint16_t h = static_cast<const uint16_t*>(p)[i];
-      return E == Elem::kF16 ? half_bits_to_float(h) : bf16_bits_to_float(h);
-    });
-  }
 };
 
 #include "hedgehog/hedgehog_bwd_kernel.h"

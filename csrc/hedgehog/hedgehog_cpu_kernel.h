@@ -1,8 +1,8 @@
 // The Hedgehog forward CPU loops, written once over an `Isa` struct and compiled per ISA: include
 // this after defining `Isa` inside an anonymous namespace (see hedgehog_cpu_avx512.cpp). Isa
 // derives from Vec16 (common/cpu_vec16_*.h: V = 16 fp32 lanes, zero, set1, add, sub, mul,
-// fma(a, b, c) = a*b + c, reduce_add, reduce_max, loadf/storef) and adds load<E>(p, n) / store<E>
-// (n <= 16 lanes of element type E; loads give zeros past n, stores write n), max, min, div,
+// fma(a, b, c) = a*b + c, reduce_add, reduce_max, loadf/storef, load<E>(p, n) / store<E>(p, v, n):
+// n <= 16 lanes of element type E, loads give zeros past n, stores write n) and adds max, min, div,
 // exp (~1e-7 relative, NaN-propagating, subnormal results flushed to zero), keep(v, lo, hi) (lanes
 // [lo, hi) of v, zeros elsewhere), mask(v, lo, hi, x) (x elsewhere) and transpose16 (a 16 x 16
 // block held in 16 vectors).

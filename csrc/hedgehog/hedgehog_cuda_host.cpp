@@ -4,41 +4,21 @@
 // device code (hedgehog_decode.cuh, hedgehog_chunk.cuh) and launchers (hedgehog_cuda.cu) are
 // torch-free; this file is the only one that sees ATen.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "common/alloc.h"
+#include "common/cuda_host.h"
 #include "common/host.h"
 #include "hedgehog/hedgehog_cuda.h"
 #include "kernels.h"
 
 namespace pyfast {
 namespace hedgehog {
-namespace {
-
-DType to_dtype(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "pyfast.", op, ": expected float32, float16 or bfloat16, got ", t);
-  }
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "pyfast.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-const void* ptr_or_null(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
-
-}  // namespace
-
 at::Tensor hedgehog_decode_cuda(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                 const at::Tensor& q_weight, const at::Tensor& k_weight,
                                 const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& k_bias,
                                 const at::Tensor& S, const at::Tensor& z, double eps) {
   const char* op = "hedgehog_decode";
-  const c10::cuda::CUDAGuard device_guard(q_.device());
+  const CudaScope cuda(q_);
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   const at::Tensor qw = q_weight.contiguous(), kw = k_weight.contiguous();
   const c10::optional<at::Tensor> qb = q_bias.has_value() ? c10::optional<at::Tensor>(q_bias->contiguous()) : q_bias;
@@ -53,7 +33,7 @@ at::Tensor hedgehog_decode_cuda(const at::Tensor& q_, const at::Tensor& k_, cons
   p.B = q.size(0), p.Hq = q.size(1), p.Hkv = k.size(1), p.D = q.size(2), p.F = qw.size(2), p.Dv = v.size(2);
   p.eps = static_cast<float>(eps);
   p.dtype = to_dtype(op, q.scalar_type());
-  check_launch(op, launch_decode(p, c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(op, launch_decode(p, cuda.stream()));
   return out;
 }
 
@@ -67,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hedgehog_attention_cuda(
   // The registry routes window > 0 and float32 elsewhere (pyfast/hedgehog/ops.py, cuda_unsupported).
   TORCH_CHECK_VALUE(window == 0, "pyfast.", op, ": expected window 0 on CUDA C++, got ", window);
   (void)alpha, (void)beta, (void)scale;  // the window hybrid's arguments
-  const c10::cuda::CUDAGuard device_guard(q_.device());
+  const CudaScope cuda(q_);
   const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   const at::Tensor qw = q_weight.contiguous(), kw = k_weight.contiguous();
   const c10::optional<at::Tensor> qb = q_bias.has_value() ? c10::optional<at::Tensor>(q_bias->contiguous()) : q_bias;
@@ -93,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hedgehog_attention_cuda(
   p.causal = causal, p.eps = static_cast<float>(eps), p.dtype = to_dtype(op, q.scalar_type());
   const at::Tensor ws = at::empty({static_cast<int64_t>(forward_workspace_floats(p))}, f32);
   p.workspace = ws.data_ptr<float>();
-  check_launch(op, launch_forward(p, c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(op, launch_forward(p, cuda.stream()));
   return {out, S, z};
 }
 

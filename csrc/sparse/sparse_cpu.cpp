@@ -28,14 +28,6 @@ constexpr int64_t kMinSplitTokens = 256;  // below this a split's fixed cost (q 
 constexpr int64_t kSplitsPerThread = 4;   // load balance across threads (sequences differ in length)
 constexpr double kLog2e = 1.4426950408889634;
 
-Elem elem_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Elem::kF32;
-    case at::kHalf: return Elem::kF16;
-    default: return Elem::kBF16;  // the registry admits float32, float16 and bfloat16 only
-  }
-}
-
 int64_t padded(int64_t d) { return (d + kLanes - 1) / kLanes * kLanes; }
 
 // Kept token runs of every (b, h): runs[bh * stride + i] for i < nruns[bh]; kept[bh] tokens.

@@ -3,9 +3,9 @@
 #pragma once
 #include <cstdint>
 
-namespace pyfast::sparse {
+#include "common/cpu_elem.h"  // Elem: the cache/query element type
 
-enum class Elem : int32_t { kF32, kF16, kBF16 };  // cache/query element type; 16-bit ones as raw bits
+namespace pyfast::sparse {
 
 constexpr int kLanes = 16;  // fp32 lanes per vector; head dims are padded to Dp = a multiple of 16
 constexpr int kTile = 16;   // tokens scored together (one vector of scores per query head)

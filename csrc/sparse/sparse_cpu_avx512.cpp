@@ -29,35 +29,15 @@ namespace pyfast::sparse {
 namespace {
 
 struct Isa : Vec16 {
-  // n <= 16 elements of type E as fp32; masked loads never touch memory past element n.
-  template <Elem E>
-  static inline V load(const void* p, int64_t n) {
-    const __mmask16 m = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-    if constexpr (E == Elem::kF32) {
-      return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-    } else {
-      const __m256i h = n >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p);
-      if constexpr (E == Elem::kF16) return _mm512_cvtph_ps(h);
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 = top half of fp32
-    }
-  }
-
-  // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; 2^f by its degree-7 Taylor series in f*ln2
-  // (truncation error < 1e-8 relative). x is clamped to [-150, 128] so -inf gives 0 (2^-150
-  // underflows) and scalef never sees an infinite exponent; NaN passes through max/min/scalef.
+  // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; 2^f = e^(f ln 2) by its degree-7 Taylor series
+  // (exp_taylor7, truncation error < 1e-8 relative). x is clamped to [-150, 128] so -inf gives 0
+  // (2^-150 underflows) and scalef never sees an infinite exponent; NaN passes through
+  // max/min/scalef.
   static inline V exp2(V x) {
     x = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-150.f), x));
     const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.69314718055994531f));  // f * ln 2
-    V p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_scalef_ps(exp_taylor7(f), n);
   }
 };
 

@@ -1,16 +1,13 @@
 // The sparse-decoding CPU inner loops, written once over an `Isa` struct and compiled per ISA:
 // include this after defining `Isa` inside an anonymous namespace (see sparse_cpu_avx512.cpp).
 // Isa derives from Vec16 (common/cpu_vec16_*.h: V = 16 fp32 lanes, zero, set1, add, sub, mul,
-// fma(a, b, c) = a*b + c, reduce_add, reduce_max, loadf/storef) and adds load<E>(p, n) (n <= 16
-// lanes of element type E as fp32, zeros beyond n) and exp2(v) (~1e-7 relative, NaN-propagating).
+// fma(a, b, c) = a*b + c, reduce_add, reduce_max, loadf/storef, load<E>(p, n): n <= 16 lanes of
+// element type E as fp32, zeros beyond n) and adds exp2(v) (~1e-7 relative, NaN-propagating).
 //
 // attend(): online softmax over tiles of kTile tokens. Per tile, every query head g of the group
 // gets a vector of kTile scores (q_g . k_t, already scaled into the log2 domain), one max, one
 // exp2 of the vector, and the accumulator update acc_g += p_gt * v_t, kept in a [G, Dp] fp32
 // buffer (L1-resident). K and V rows are read once per group: the memory traffic of GQA decode.
-
-template <Elem E> struct ElemType { using T = uint16_t; };
-template <> struct ElemType<Elem::kF32> { using T = float; };
 
 struct Kernel {
   using V = typename Isa::V;
@@ -18,7 +15,7 @@ struct Kernel {
   static inline int64_t lanes_at(int64_t D, int64_t c) { return D - c < kLanes ? D - c : kLanes; }
 
   template <Elem E>
-  static float dot(const float* a, const typename ElemType<E>::T* x, int64_t D) {
+  static float dot(const float* a, const typename ElemT<E>::T* x, int64_t D) {
     V s = Isa::zero();
     for (int64_t c = 0; c < D; c += kLanes) s = Isa::fma(Isa::loadf(a + c), Isa::template load<E>(x + c, lanes_at(D, c)), s);
     return Isa::reduce_add(s);
@@ -29,7 +26,7 @@ struct Kernel {
   // Scores of one tile for query heads [g0, g0 + NG): s[g * kTile + i] = q_g . k_i (log2 domain),
   // -inf past the nt valid tokens. Each K vector is loaded once for the NG heads.
   template <Elem E, int NG, bool FULL>
-  static void tile_scores(const CpuAttnArgs& a, const SplitWork& w, const typename ElemType<E>::T* kt, int64_t nt,
+  static void tile_scores(const CpuAttnArgs& a, const SplitWork& w, const typename ElemT<E>::T* kt, int64_t nt,
                           int64_t g0) {
     const int64_t D = a.D, Dp = a.Dp;
     const float* q = w.qbuf + g0 * Dp;
@@ -50,7 +47,7 @@ struct Kernel {
   // acc_g += sum_i p_gi v_i for heads [g0, g0 + NG): NG x CW accumulator vectors stay in
   // registers across the tile and each V vector is loaded once for all NG heads.
   template <Elem E, int NG, bool FULL>
-  static void tile_values(const CpuAttnArgs& a, const SplitWork& w, const typename ElemType<E>::T* vt, int64_t nt,
+  static void tile_values(const CpuAttnArgs& a, const SplitWork& w, const typename ElemT<E>::T* vt, int64_t nt,
                           int64_t g0) {
     const int64_t D = a.D, Dp = a.Dp;
     const float* p = w.pbuf + g0 * kTile;
@@ -126,9 +123,9 @@ struct Kernel {
 
   // Tokens [t0, t1) of one (b, h), tile by tile: scores, softmax update, V accumulation.
   template <Elem E>
-  static void attend_range(const CpuAttnArgs& a, const SplitWork& w, const typename ElemType<E>::T* kb,
-                           const typename ElemType<E>::T* vb, int64_t t0, int64_t t1) {
-    const int64_t row_bytes = a.D * static_cast<int64_t>(sizeof(typename ElemType<E>::T));
+  static void attend_range(const CpuAttnArgs& a, const SplitWork& w, const typename ElemT<E>::T* kb,
+                           const typename ElemT<E>::T* vb, int64_t t0, int64_t t1) {
+    const int64_t row_bytes = a.D * static_cast<int64_t>(sizeof(typename ElemT<E>::T));
     for (int64_t t = t0; t < t1; t += kTile) {
       const int64_t nt = t1 - t < kTile ? t1 - t : kTile;
       // Software prefetch of the next tile's K and V rows: decode is a pure stream of K/V, and the
@@ -150,7 +147,7 @@ struct Kernel {
 
   template <Elem E>
   static void attend(const CpuAttnArgs& a, const SplitWork& w) {
-    using T = typename ElemType<E>::T;
+    using T = typename ElemT<E>::T;
     const int64_t G = a.G, D = a.D, Dp = a.Dp;
     const T* qb = static_cast<const T*>(a.q) + w.b * a.q_sb + w.h * G * a.q_sh;
     for (int64_t g = 0; g < G; ++g) {
@@ -183,7 +180,7 @@ struct Kernel {
 
   template <Elem E>
   static void scores(const float* qbar, const void* keys, int64_t ld, int64_t n, int64_t D, float* out) {
-    const auto* k = static_cast<const typename ElemType<E>::T*>(keys);
+    const auto* k = static_cast<const typename ElemT<E>::T*>(keys);
     for (int64_t j = 0; j < n; ++j) out[j] = dot<E>(qbar, k + j * ld, D);
   }
 

