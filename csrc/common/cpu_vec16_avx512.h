@@ -77,6 +77,33 @@ struct Vec16 {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   }
+
+  // r[i][c] -> r[c][i]. Per 128-bit lane: 32-bit interleave of row pairs, 64-bit interleave of
+  // pair pairs (u[4q + c] holds column 4L + c of rows 4q..4q+3 in lane L), then two 128-bit lane
+  // shuffles gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into row 4L + c.
+  static inline V lo64(V a, V b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); }
+  static inline V hi64(V a, V b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); }
+  static inline void transpose16(V (&r)[16]) {
+    V t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int q = 0; q < 16; q += 4) {
+      u[q] = lo64(t[q], t[q + 2]);
+      u[q + 1] = hi64(t[q], t[q + 2]);
+      u[q + 2] = lo64(t[q + 1], t[q + 3]);
+      u[q + 3] = hi64(t[q + 1], t[q + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const V v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), w0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+      const V v1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+      r[c] = _mm512_shuffle_f32x4(v0, v1, 0x88);
+      r[8 + c] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
+      r[4 + c] = _mm512_shuffle_f32x4(w0, w1, 0x88);
+      r[12 + c] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
+    }
+  }
 };
 
 }  // namespace

@@ -53,6 +53,15 @@ struct Vec16 {
       else static_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v.v[i]);
     }
   }
+  // r[i][c] -> r[c][i] (a 16 x 16 block held in 16 vectors).
+  static inline void transpose16(V (&r)[16]) {
+    for (int i = 0; i < 16; ++i)
+      for (int j = i + 1; j < 16; ++j) {
+        const float t = r[i].v[j];
+        r[i].v[j] = r[j].v[i];
+        r[j].v[i] = t;
+      }
+  }
 };
 
 }  // namespace

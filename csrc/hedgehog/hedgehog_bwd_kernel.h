@@ -1,8 +1,8 @@
 // The Hedgehog backward CPU kernel, written once over an `Isa` struct and compiled per ISA: include
 // this after defining `Isa` inside an anonymous namespace (see hedgehog_cpu_backward_avx512.cpp).
 // Isa derives from Vec16 (common/cpu_vec16_*.h) and adds maxv, exp, loadf_n/storef_n (n < 16 lanes,
-// zeros past n, no access past n), fill_tail(v, n, x) (lanes >= n set to x), gather(p, stride, n)
-// (p[i * stride] for i < n, zeros past n); load<E>(p, n) comes from Vec16.
+// zeros past n, no access past n) and fill_tail(v, n, x) (lanes >= n set to x); load<E>(p, n) and
+// transpose16 come from Vec16.
 //
 // Math (pyfast/reference/hedgehog.py; per query head h, its KV head j, features Q = phi_q(q),
 // K = phi_k(k)). Forward: num_t = Q_t S_t, den_t = Q_t . z_t + eps, out_t = num_t / den_t (the hybrid
@@ -107,11 +107,15 @@ struct Gemm {
 };
 
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols; zero for rows <= r < ldd (ldd a
-// multiple of kLanes): one gather per 16 rows of a column.
+// multiple of kLanes): 16 x 16 blocks transposed in registers (shuffles, not a gather per column).
 inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = 0; r < ldd; r += kLanes)
-      Isa::storef(dst + c * ldd + r, r < rows ? Isa::gather(src + r * lds + c, lds, rows - r) : Isa::zero());
+  V b[kLanes];
+  for (int64_t r0 = 0; r0 < ldd; r0 += kLanes)
+    for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
+      for (int64_t i = 0; i < kLanes; ++i) b[i] = r0 + i < rows ? vload(src + (r0 + i) * lds + c0, cols - c0) : Isa::zero();
+      Isa::transpose16(b);
+      for (int64_t c = 0; c < kLanes && c0 + c < cols; ++c) Isa::storef(dst + (c0 + c) * ldd + r0, b[c]);
+    }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {  // n a multiple of kLanes

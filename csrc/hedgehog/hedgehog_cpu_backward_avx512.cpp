@@ -36,12 +36,6 @@ struct Isa : Vec16 {
   static inline V loadf_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
   static inline void storef_n(float* p, V a, int64_t n) { _mm512_mask_storeu_ps(p, first(n), a); }
 
-  static inline V gather(const float* p, int64_t stride, int64_t n) {  // stride * 15 fits int32 (scratch rows)
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int32_t>(stride)));
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first(n), idx, p, 4);
-  }
-
   // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite, |r| <= ln2 / 2),
   // e^r by its degree-7 Taylor series (exp_taylor7, truncation < 1e-8 relative). x is clamped to
   // [-104, 88.7] so -inf gives 0 and scalef never sees an infinite exponent; NaN passes through

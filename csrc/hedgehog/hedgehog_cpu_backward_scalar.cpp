@@ -21,9 +21,6 @@ struct Isa : Vec16 {
   static inline void storef_n(float* p, const V& a, int64_t n) {
     for (int i = 0; i < 16 && i < n; ++i) p[i] = a.v[i];
   }
-  static inline V gather(const float* p, int64_t stride, int64_t n) {
-    return map([&](int i) { return i < n ? p[i * stride] : 0.f; });
-  }
 };
 
 #include "hedgehog/hedgehog_bwd_kernel.h"

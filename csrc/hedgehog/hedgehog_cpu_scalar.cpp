@@ -18,14 +18,6 @@ struct Isa : Vec16 {
   static inline V mask(const V& v, int64_t lo, int64_t hi, float x) { return map([&](int i) { return i >= lo && i < hi ? v.v[i] : x; }); }
   // Subnormal results flushed to zero, as in the AVX-512 unit (NaN passes: the compare is false).
   static inline V exp(const V& x) { return map([&](int i) { return x.v[i] < -87.33f ? 0.f : std::exp(x.v[i]); }); }
-  static inline void transpose16(V (&r)[16]) {
-    for (int i = 0; i < 16; ++i)
-      for (int j = i + 1; j < 16; ++j) {
-        const float t = r[i].v[j];
-        r[i].v[j] = r[j].v[i];
-        r[j].v[i] = t;
-      }
-  }
 };
 
 #include "hedgehog/hedgehog_cpu_kernel.h"
