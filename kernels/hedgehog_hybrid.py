@@ -62,17 +62,18 @@ ROW_M, ROW_RINV, ROW_DP, ROW_R, ROW_K = range(5)
 
 
 @triton.jit
-def _absorb_chunks(p_k, s_kt, p_v, s_vt, bos, eos, kc0, kc1, p_wk, b_bk, b_sp, b_sn, b_zp, b_zn, DVT,
+def _absorb_chunks(p_k, s_kt, p_v, s_vt, bos, eos, kc0, kc1, p_wk, b_bk, b_sp, b_sn, b_zp, b_zn, DVT, p_like,
                    F: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
                    BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The state plus the key chunks [kc0, kc1) (DVT value columns from p_v)."""
+    """The state plus the key chunks [kc0, kc1) (DVT value columns from p_v; K^T V operands rounded to
+    p_like's element type)."""
     o_i = tl.arange(0, BT)
     for kc in range(kc0, kc1):
         o_s = bos + kc * BT + o_i
         m_s = o_s < eos
         b_kp, b_kn = _features(p_k, s_kt, o_s, m_s, p_wk, b_bk, F, D, True, BD, BF, PREC, UPCAST)
         b_v = _load_rows(p_v, s_vt, o_s, m_s, DVT, BV)
-        b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, p_v, True, PREC, UPCAST)
+        b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, p_like, True, PREC, UPCAST)
     return b_sp, b_sn, b_zp, b_zn
 
 
@@ -120,6 +121,12 @@ def _hybrid_kernel(
     b_sn = tl.zeros([BF, BV], dtype=tl.float32)
     b_zp = tl.zeros([BF], dtype=tl.float32)
     b_zn = tl.zeros([BF], dtype=tl.float32)
+    # The products of features and e with values take input-dtype operands (tensor cores), except in
+    # the STATS pass: fp32 there (an fp32 pointer as the rounding type), as dalpha and dbeta sum
+    # differences of nearly equal terms (bf16 operands moved them by up to 6e-2 at window 64).
+    p_lp = v
+    if STATS:
+        p_lp = alpha
     b_da = tl.zeros([BT], dtype=tl.float32)  # STATS: dalpha, dbeta per row slot, summed at the end
     b_db = tl.zeros([BT], dtype=tl.float32)
     n_done = 0  # key chunks [0, n_done) are in the state
@@ -128,8 +135,8 @@ def _hybrid_kernel(
         m_t = o_t < eos
         lo = _first_band_chunk(c, WINDOW, BT)
         b_sp, b_sn, b_zp, b_zn = _absorb_chunks(p_k, s_kt, p_v, s_vt, bos, eos, n_done, lo, wk + i_j * D * F, b_bk,
-                                                b_sp, b_sn, b_zp, b_zn, DV - i_v * BV, F, D, BT, BD, BF, BV, PREC,
-                                                UPCAST)
+                                                b_sp, b_sn, b_zp, b_zn, DV - i_v * BV, p_lp, F, D, BT, BD, BF, BV,
+                                                PREC, UPCAST)
         n_done = tl.maximum(n_done, lo)
         b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, wq + i_h * D * F, b_bq, F, D, True, BD, BF, PREC, UPCAST)
         b_x = _load_rows(p_q, s_qt, o_t, m_t, D, BD)  # raw rows for the band's softmax scores
@@ -144,15 +151,15 @@ def _hybrid_kernel(
             b_kx = _load_rows(p_k, s_kt, o_s, m_s, D, BD)
             b_v = _load_rows(p_v, s_vt, o_s, m_s, DV - i_v * BV, BV)
             m_lin = (o_t[:, None] - o_s[None, :]) >= WINDOW
-            b_a = tl.where(m_lin, _scores(b_qp, b_qn, b_kp, b_kn, v, True, PREC, UPCAST), 0.0)
-            b_num_l += _mm(b_a, b_v, v, True, PREC, UPCAST)  # [BT, BT] @ [BT, BV] -> [BT, BV]
+            b_a = tl.where(m_lin, _scores(b_qp, b_qn, b_kp, b_kn, p_lp, True, PREC, UPCAST), 0.0)
+            b_num_l += _mm(b_a, b_v, p_lp, True, PREC, UPCAST)  # [BT, BT] @ [BT, BV] -> [BT, BV]
             b_den_l += tl.sum(b_a, axis=1)
             b_sc = _band_scores(b_x, b_kx, o_t, o_s, m_s, WINDOW, scale_log2, v, PREC, UPCAST)
             b_m_new = tl.maximum(b_m, tl.max(b_sc, axis=1))
             b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no band key yet
             b_e = tl.exp2(b_sc - b_ref[:, None])
             b_r = tl.exp2(b_m - b_ref)
-            b_num_e = b_num_e * b_r[:, None] + _mm(b_e, b_v, v, True, PREC, UPCAST)
+            b_num_e = b_num_e * b_r[:, None] + _mm(b_e, b_v, p_lp, True, PREC, UPCAST)
             b_den_e = b_den_e * b_r + tl.sum(b_e, axis=1)
             b_m = b_m_new
         if STATS:
@@ -219,7 +226,7 @@ def _hybrid_bwd_q_kernel(
         m_t = o_t < eos
         lo = _first_band_chunk(c, WINDOW, BT)
         b_sp, b_sn, b_zp, b_zn = _absorb_chunks(p_k, s_kt, p_v, s_vt, bos, eos, n_done, lo, wk + i_j * D * F, b_bk,
-                                                b_sp, b_sn, b_zp, b_zn, DV, F, D, BT, BD, BF, BV, PREC, UPCAST)
+                                                b_sp, b_sn, b_zp, b_zn, DV, v, F, D, BT, BD, BF, BV, PREC, UPCAST)
         n_done = tl.maximum(n_done, lo)
         b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, wq + i_h * D * F, b_bq, F, D, True, BD, BF, PREC, UPCAST)
         b_x = _load_rows(p_q, s_qt, o_t, m_t, D, BD)
@@ -228,9 +235,9 @@ def _hybrid_bwd_q_kernel(
         # Linear part through the state: dphi_q = r (G S^T) + k z^T
         b_dqp = b_r[:, None] * _mm(b_g, tl.trans(b_sp), v, False, PREC, UPCAST) + b_k[:, None] * b_zp[None, :]
         b_dqn = b_r[:, None] * _mm(b_g, tl.trans(b_sn), v, False, PREC, UPCAST) + b_k[:, None] * b_zn[None, :]
-        b_dx = tl.zeros([BT, BD], dtype=tl.float32)  # sum_s e de' k_s
+        b_dx = tl.zeros([BT, BD], dtype=tl.float32)  # sum_s b e de' k_s
         b_kt = tl.zeros([BT, BD], dtype=tl.float32)  # sum of the keys at the band max (ties)
-        b_sig = tl.zeros([BT], dtype=tl.float32)  # sum_s e de'
+        b_sig = tl.zeros([BT], dtype=tl.float32)  # sum_s b e de'
         b_nt = tl.zeros([BT], dtype=tl.float32)  # ties
         for kc in range(lo, c + 1):
             o_s = bos + kc * BT + o_i
@@ -244,15 +251,16 @@ def _hybrid_bwd_q_kernel(
             b_dqp += _mm(b_pl, b_kp, v, False, PREC, UPCAST)  # [BT, BT] @ [BT, BF]
             b_dqn += _mm(b_pl, b_kn, v, False, PREC, UPCAST)
             b_sc = _band_scores(b_x, b_kx, o_t, o_s, m_s, WINDOW, scale_log2, v, PREC, UPCAST)
-            b_ew = tl.exp2(b_sc - b_m[:, None]) * (b_ri[:, None] * b_p0 - b_dp[:, None])  # 0 off the band
+            # b e de' (0 off the band), rounded as the key pass rounds it: one band key gives dq = 0 exactly
+            b_ew = (b_be * tl.exp2(b_sc - b_m[:, None])) * (b_ri[:, None] * b_p0 - b_dp[:, None])
             b_sig += tl.sum(b_ew, axis=1)
             b_dx += _mm(b_ew, b_kx, v, False, PREC, UPCAST)  # [BT, BT] @ [BT, BD]
             b_tie = tl.where((b_sc == b_m[:, None]) & m_t[:, None], 1.0, 0.0)
             b_nt += tl.sum(b_tie, axis=1)
             b_kt += _mm(b_tie, b_kx, v, False, PREC, UPCAST)
-        b_cr = b_be * b_sig / tl.maximum(b_nt, 1.0)
+        b_cr = b_sig / tl.maximum(b_nt, 1.0)
         tl.store(corr + o_bh + o_t, b_cr, mask=m_t)
-        _store_rows(dqx + o_bh * D, D, o_t, m_t, scale * (b_be * b_dx - b_cr[:, None] * b_kt), D, BD)
+        _store_rows(dqx + o_bh * D, D, o_t, m_t, scale * (b_dx - b_cr[:, None] * b_kt), D, BD)
         _store_rows(duq + o_bh * F, F, o_t, m_t, _features_backward(b_qp, b_qn, b_dqp, b_dqn, True), F, BF)
 
 
