@@ -351,11 +351,11 @@ def plan_forward(q, k, v, q_weight, k_weight, q_bias, k_bias, eps, window, alpha
         q, k, v, q_weight, k_weight, q_bias, k_bias, window, alpha, beta, scale, cu_seqlens)
     tiles = kh._tiles(shape["D"], shape["F"], Dv, target)
     out = torch.empty((B, Hq, T, Dv), dtype=v.dtype, device=v.device)
-    empty = torch.empty((0,), dtype=torch.float32, device=q.device)
+    s, z = (torch.empty((0,), dtype=torch.float32, device=q.device) for _ in range(2))  # two: outputs never alias
     return [Launch(_hybrid_kernel, (triton.cdiv(Dv, tiles["BV"]), Hq, N), (
         q, k, v, *weights, alpha, beta, out, alpha, alpha, cu, T, float(eps), scale_log2, window, 0,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-    ), dict(G=Hq // Hkv, DV=Dv, STATS=False, **shape, **tiles, **kh._precision(q.dtype, target)))], (out, empty, empty)
+    ), dict(G=Hq // Hkv, DV=Dv, STATS=False, **shape, **tiles, **kh._precision(q.dtype, target)))], (out, s, z)
 
 
 def plan_backward(grad_out, q, k, v, q_weight, k_weight, q_bias, k_bias, eps, window, alpha, beta, scale, cu_seqlens,
@@ -418,8 +418,8 @@ def attention_backward(grad_out, q, k, v, q_weight, k_weight, q_bias, k_bias, ep
         scale, cu_seqlens)
     dq, dwq, dbq = kh._feature_grads(q, du_q, q_weight, q_bias, dq_band)
     dk, dwk, dbk = kh._feature_grads(k, du_k, k_weight, k_bias, dk_band)
-    sums = part.sum(0)  # the per-sequence partials
-    da = kh._empty(q) if alpha is None else sums[:, 0].to(alpha.dtype)
-    db = kh._empty(q) if beta is None else sums[:, 1].to(beta.dtype)
+    # the per-sequence partials, summed one output at a time (two views of one sum would alias)
+    da = kh._empty(q) if alpha is None else part[:, :, 0].sum(0).to(alpha.dtype)
+    db = kh._empty(q) if beta is None else part[:, :, 1].sum(0).to(beta.dtype)
     return dq, dk, dv, dwq, dwk, dbq, dbk, kh._empty(q), kh._empty(q), da, db
 
