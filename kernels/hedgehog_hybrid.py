@@ -58,7 +58,8 @@ from pyfast.kernels.hedgehog import (_absorb, _bias, _features, _features_backwa
 
 # The planes of the stats pass's `rows` [5, B, Hq, T] (fp32): band max m_t (base 2), 1 / den_t,
 # d'_t = (gO . out) / den_t, and the linear part's r_t = a / den_t, k_t = -a d'_t (read by _bwd_kv_kernel).
-ROW_M, ROW_RINV, ROW_DP, ROW_R, ROW_K = range(5)
+# (constexpr: the compiler reads globals only as constexpr; the interpreter does not check.)
+ROW_M, ROW_RINV, ROW_DP, ROW_R, ROW_K = (tl.constexpr(i) for i in range(5))
 
 
 @triton.jit
@@ -399,8 +400,8 @@ def plan_backward(grad_out, q, k, v, q_weight, k_weight, q_bias, k_bias, eps, wi
         ds, dz = torch.empty((N, Hkv, 2 * F, Dv), dtype=f32, device=dev), torch.empty((N, Hkv, 2 * F), dtype=f32,
                                                                                        device=dev)
         launches.append(Launch(kh._bwd_kv_kernel, (Hkv, N), (
-            q[:, :, window:], k, v, *weights, grad_out[:, :, window:], rows[ROW_R, :, :, window:],
-            rows[ROW_K, :, :, window:], ds, dz, du_k, dv_lin, ds, dz, cu, T, window, *qstr, *kstr, *vstr, *gstr,
+            q[:, :, window:], k, v, *weights, grad_out[:, :, window:], rows[ROW_R.value, :, :, window:],
+            rows[ROW_K.value, :, :, window:], ds, dz, du_k, dv_lin, ds, dz, cu, T, window, *qstr, *kstr, *vstr, *gstr,
         ), dict(common, FMAP=True, CAUSAL=True, HAS_GS=False, **shape)))
     launches.append(Launch(_hybrid_bwd_kv_kernel, (Hkv, N), (
         q, k, v, beta, grad_out, rows, corr, dv_lin, dk_band, dv, cu, T, scale, scale_log2, window, nrow,
