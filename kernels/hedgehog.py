@@ -55,16 +55,12 @@ chunk (0 x NaN in the masked A @ V product).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from pyfast.kernels._utils import Launch, Target, run_plan
 
-# exp(x) == exp2(x * LOG2E): the window softmax runs in base 2 with scale * LOG2E folded.
-LOG2E = 1.4426950408889634
 # tl.dot needs every dimension >= 16: D, F, Dv and the chunk are padded to at least this.
 MIN_DOT = 16
 

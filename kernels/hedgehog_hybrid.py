@@ -56,6 +56,8 @@ from pyfast.kernels._utils import Launch, Target, run_plan
 from pyfast.kernels.hedgehog import (_absorb, _bias, _features, _features_backward, _inter, _load_rows, _mm, _scores,
                                      _sequence, _store_rows)
 
+# exp(x) == exp2(x * LOG2E): the band's softmax runs in base 2 with scale * LOG2E folded.
+LOG2E = 1.4426950408889634
 # The planes of the stats pass's `rows` [5, B, Hq, T] (fp32): band max m_t (base 2), 1 / den_t,
 # d'_t = (gO . out) / den_t, and the linear part's r_t = a / den_t, k_t = -a d'_t (read by _bwd_kv_kernel).
 # (constexpr: the compiler reads globals only as constexpr; the interpreter does not check.)
@@ -340,7 +342,7 @@ def _setup(q, k, v, q_weight, k_weight, q_bias, k_bias, window, alpha, beta, sca
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     window = min(int(window), max(q.shape[2], 1))
     return (q, k, v, N, cu, (wq, wk, bq, bk), dict(D=D, F=F, VARLEN=varlen, **biases), alpha, beta, window, scale,
-            scale * kh.LOG2E)
+            scale * LOG2E)
 
 
 def plan_forward(q, k, v, q_weight, k_weight, q_bias, k_bias, eps, window, alpha, beta, scale, cu_seqlens, *,
