@@ -50,6 +50,10 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Compile the pyfast next to this script (its checkout), not whichever one is installed: run as
+# `python bench/triton_aot.py`, sys.path starts at bench/ (the workers and the recorder re-run this).
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 # arch -> SMs of the GPU the plans are sized for (split-K counts depend on it)
 ARCHS = {80: 108, 90: 132}
 ARCH_GPU = {80: "A100", 90: "H100/H200"}
@@ -101,7 +105,7 @@ class Call:
     plan: str  # "module:function"
     args: list
     kwargs: dict
-    source: str  # "bench: ..." or the test's node id
+    source: str  # "bench: ...", "plan: ..." (a GPU shape not benchmarked) or the test's node id
     benchmarked: bool
 
 
@@ -155,7 +159,9 @@ HEDGEHOG_GPU = dict(B=16, H=16, T=4096, D=128, F=64)
 
 def hedgehog_bench_calls() -> list[Call]:
     """The Triton launcher calls of the Hedgehog GPU benchmark: the fused causal forward and its
-    backward (window 0, with biases, no initial state), bf16."""
+    backward (window 0, with biases, no initial state), bf16; and, not benchmarked (the bench times
+    window 0 only), the sliding-window hybrid's forward and backward at that shape with window 64
+    (LoLCATs' window), so its GPU configuration is compiled and its spills reported."""
     import torch
 
     from pyfast.kernels import hedgehog as kh
@@ -166,9 +172,14 @@ def hedgehog_bench_calls() -> list[Call]:
     bias = torch.empty((h, f), dtype=torch.bfloat16, device="meta")
     fwd = [x, x, x, w, w, bias, bias, True, 1e-6, None, None, 0, None, None, None, None]
     shape = f"B={b} H={h} T={t} D={d} F={f} bf16"
+    alpha = torch.empty((h,), dtype=torch.float32, device="meta")
+    hybrid = fwd[:11] + [64, alpha, alpha, None, None]
     return [_call(kh.plan_hedgehog_attention, fwd, {}, f"bench: hedgehog_attention {shape}", True),
             _call(kh.plan_hedgehog_attention_backward, [x, None, None, *fwd], {},
-                  f"bench: hedgehog_attention_backward {shape}", True)]
+                  f"bench: hedgehog_attention_backward {shape}", True),
+            _call(kh.plan_hedgehog_attention, hybrid, {}, f"plan: hedgehog_attention window=64 {shape}"),
+            _call(kh.plan_hedgehog_attention_backward, [x, None, None, *hybrid], {},
+                  f"plan: hedgehog_attention_backward window=64 {shape}")]
 
 
 # The test files whose Triton calls are recorded by default: every test selected by `-k triton`

@@ -22,12 +22,8 @@ aligned to the sequence start, so nothing crosses a segment boundary):
                      S, z in fp32 registers across chunks. Non-causal: one pass builds S, z, a second
                      writes out = Q S / (Q . z + eps). The program of the first query head of a
                      group stores the final state (Dv tile 0 also z).
-    _hybrid_kernel   grid (Dv tiles, Hq, N), window > 0 (causal, no state): query chunk c reads the
-                     running linear state of the key chunks wholly older than its window, then
-                     walks the key chunks from there to c once, adding both the masked linear part
-                     (s <= t - window) and an online softmax over the band (t - window < s <= t;
-                     exp2 with scale * log2(e) folded in; the linear part is not rescaled, as the
-                     spec says: out depends on the band max m_t).
+    (window > 0: the sliding-window hybrid, forward and backward, is in kernels/hedgehog_hybrid.py,
+    built from the helpers here; its linear part's key gradients reuse _bwd_kv_kernel, shifted.)
     _states_kernel   grid (Dv tiles, Hkv, N), backward pre-pass: the state entering every chunk
                      (causal) or the final state (non-causal) into fp32 slots; the slots of
                      sequence n start at chunk n * NCS (dense) or cu[n] // BT + n (packed; this
@@ -40,11 +36,12 @@ aligned to the sequence start, so nothing crosses a segment boundary):
                      later chunks (grad_S, grad_z at the start). dK = V dS^T + dz and dV = K dS,
                      plus per query head of the group dV += M^T (r G), dK += P^T Q (masked
                      intra-chunk), then dS += Q^T (r G), dz += sum k Q. Non-causal: dS, dz over
-                     every query first. Ends with dS0, dz0 = dS, dz.
+                     every query first. Ends with dS0, dz0 = dS, dz. WINDOW > 0 (the hybrid's
+                     linear part): query token t + WINDOW plays query t (the launcher passes q, grad
+                     and r, k rows shifted by WINDOW) and the keys stop WINDOW before the end.
 Weight and bias gradients: the backward kernels stop at du = d(x W + b) (fp32, [B, H, T, F]) and
 the launcher finishes dx = du W^T, dW = x^T du, db = sum du with torch matmuls (deterministic;
-see `_features_backward` for why not in the kernels). The window hybrid has no backward here (the launcher
-raises a clear error; see hedgehog_attention_backward).
+see `_features_backward` for why not in the kernels).
 
 Precision: accumulation, softmax, states and r, k in fp32. 16-bit inputs: the feature x feature
 and feature x value/grad products take operands rounded to the input dtype (tensor cores); every
@@ -58,16 +55,12 @@ chunk (0 x NaN in the masked A @ V product).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from pyfast.kernels._utils import Launch, Target, run_plan
 
-# exp(x) == exp2(x * LOG2E): the window softmax runs in base 2 with scale * LOG2E folded.
-LOG2E = 1.4426950408889634
 # tl.dot needs every dimension >= 16: D, F, Dv and the chunk are padded to at least this.
 MIN_DOT = 16
 
@@ -332,75 +325,6 @@ def _fwd_kernel(
                          FMAP, BF)
 
 
-@triton.jit
-def _hybrid_kernel(
-    q, k, v, wq, wk, bq, bk, alpha, beta, out, cu,
-    T, eps, scale_log2, WINDOW,
-    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
-    G: tl.constexpr, D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Program (i_v, h, n): the sliding-window hybrid of sequence n (module docstring)."""
-    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_j = i_h // G
-    i_b, bos, eos = _sequence(cu, i_n, T, VARLEN)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_i = tl.arange(0, BT)
-    p_q = q + i_b * s_qb + i_h.to(tl.int64) * s_qh
-    p_k = k + i_b * s_kb + i_j.to(tl.int64) * s_kh
-    p_v = v + i_b * s_vb + i_j.to(tl.int64) * s_vh + i_v * BV
-    p_o = out + i_b * s_ob + i_h.to(tl.int64) * s_oh + i_v * BV
-    b_bq, b_bk = _bias(bq + i_h * F, F, HAS_QB, BF), _bias(bk + i_j * F, F, HAS_KB, BF)
-    b_al, b_be = tl.load(alpha + i_h), tl.load(beta + i_h)
-    b_sp = tl.zeros([BF, BV], dtype=tl.float32)
-    b_sn = tl.zeros([BF, BV], dtype=tl.float32)
-    b_zp = tl.zeros([BF], dtype=tl.float32)
-    b_zn = tl.zeros([BF], dtype=tl.float32)
-    n_done = 0  # key chunks [0, n_done) are in the state
-    for c in range(0, tl.cdiv(eos - bos, BT)):
-        o_t = bos + c * BT + o_i
-        m_t = o_t < eos
-        # Key chunks before `lo` hold only keys s <= c * BT - WINDOW <= t - WINDOW: linear for every row.
-        lo = tl.maximum(c * BT - WINDOW + 1, 0) // BT
-        for kc in range(n_done, lo):
-            o_s = bos + kc * BT + o_i
-            b_kp, b_kn = _features(p_k, s_kt, o_s, o_s < eos, wk + i_j * D * F, b_bk, F, D, True, BD, BF, PREC,
-                                      UPCAST)
-            b_v = _load_rows(p_v, s_vt, o_s, o_s < eos, DV - i_v * BV, BV)
-            b_sp, b_sn, b_zp, b_zn = _absorb(b_kp, b_kn, b_v, b_sp, b_sn, b_zp, b_zn, v, True, PREC, UPCAST)
-        n_done = tl.maximum(n_done, lo)
-        b_qp, b_qn = _features(p_q, s_qt, o_t, m_t, wq + i_h * D * F, b_bq, F, D, True, BD, BF, PREC, UPCAST)
-        b_x = _load_rows(p_q, s_qt, o_t, m_t, D, BD)  # raw rows for the band's softmax scores
-        b_num_l, b_den_l = _inter(b_qp, b_qn, b_sp, b_sn, b_zp, b_zn, v, True, PREC, UPCAST)
-        b_m = tl.full([BT], float("-inf"), dtype=tl.float32)  # running band max (base 2)
-        b_num_e = tl.zeros([BT, BV], dtype=tl.float32)
-        b_den_e = tl.zeros([BT], dtype=tl.float32)
-        for kc in range(lo, c + 1):
-            o_s = bos + kc * BT + o_i
-            m_s = o_s < eos
-            b_kp, b_kn = _features(p_k, s_kt, o_s, m_s, wk + i_j * D * F, b_bk, F, D, True, BD, BF, PREC, UPCAST)
-            b_kx = _load_rows(p_k, s_kt, o_s, m_s, D, BD)
-            b_v = _load_rows(p_v, s_vt, o_s, m_s, DV - i_v * BV, BV)
-            o_d = o_t[:, None] - o_s[None, :]  # t - s
-            m_lin = o_d >= WINDOW
-            m_band = (o_d >= 0) & (o_d < WINDOW) & m_s[None, :]
-            b_a = tl.where(m_lin, _scores(b_qp, b_qn, b_kp, b_kn, v, True, PREC, UPCAST), 0.0)
-            b_num_l += _mm(b_a, b_v, v, True, PREC, UPCAST)  # [BT, BT] @ [BT, BV] -> [BT, BV]
-            b_den_l += tl.sum(b_a, axis=1)
-            b_sc = _mm(b_x, tl.trans(b_kx), v, True, PREC, UPCAST) * scale_log2  # [BT, BD] @ [BD, BT]
-            b_sc = tl.where(m_band, b_sc, float("-inf"))
-            b_m_new = tl.maximum(b_m, tl.max(b_sc, axis=1))
-            b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no band key yet
-            b_e = tl.exp2(b_sc - b_ref[:, None])
-            b_r = tl.exp2(b_m - b_ref)
-            b_num_e = b_num_e * b_r[:, None] + _mm(b_e, b_v, v, True, PREC, UPCAST)
-            b_den_e = b_den_e * b_r + tl.sum(b_e, axis=1)
-            b_m = b_m_new
-        b_out = (b_be * b_num_e + b_al * b_num_l) / (b_be * b_den_e + b_al * b_den_l + eps)[:, None]
-        _store_rows(p_o, s_ot, o_t, m_t, b_out, DV - i_v * BV, BV)
-
-
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +449,7 @@ def _bwd_q_kernel(
 @triton.jit
 def _bwd_kv_kernel(
     q, k, v, wq, wk, bq, bk, go, rr, kk, gs, gz, dk, dv, ds0, dz0, cu,
-    T,
+    T, WINDOW,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_gb, s_gh, s_gt,
     G: tl.constexpr, D: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FMAP: tl.constexpr, CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_GS: tl.constexpr,
@@ -537,6 +461,7 @@ def _bwd_kv_kernel(
     hkv = tl.num_programs(0)
     hq = hkv * G
     i_b, bos, eos = _sequence(cu, i_n, T, VARLEN)
+    eos = tl.maximum(eos - WINDOW, bos)  # the keys some (shifted) query reads
     FW: tl.constexpr = 2 * F if FMAP else F
     o_v = tl.arange(0, BV)
     o_i = tl.arange(0, BT)
@@ -683,13 +608,13 @@ def _feature_args(fmap, q):
     return wq, wk, bq, bk, q.shape[3], wq.shape[2], dict(HAS_QB=q_bias is not None, HAS_KB=k_bias is not None)
 
 
-def _plan_forward(q, k, v, fmap, causal, eps, s0, z0, cu_seqlens, window, alpha, beta, scale, target):
+def _plan_forward(q, k, v, fmap, causal, eps, s0, z0, cu_seqlens, target):
     """Shared plan of linear_attention (fmap None) and hedgehog_attention (fmap = the weights and
     biases); returns the launches and (out, S, z)."""
     B, Hq, T, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     q, k, v, N, cu, varlen = _common(q, k, v, cu_seqlens)
-    s0, z0, alpha, beta = _dense(s0), _dense(z0), _dense(alpha), _dense(beta)
+    s0, z0 = _dense(s0), _dense(z0)
     wq, wk, bq, bk, D, F, biases = _feature_args(fmap, q)
     fw = F if fmap is None else 2 * F
     tiles = _tiles(D, F, Dv, target)
@@ -698,15 +623,6 @@ def _plan_forward(q, k, v, fmap, causal, eps, s0, z0, cu_seqlens, window, alpha,
     common = dict(G=Hq // Hkv, D=D, F=F, DV=Dv, VARLEN=varlen, **biases, **tiles,
                   **_precision(q.dtype, target))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
-    if window > 0:
-        ones = None if alpha is not None and beta is not None else torch.ones(Hq, dtype=torch.float32,
-                                                                              device=q.device)
-        alpha, beta = (ones if alpha is None else alpha), (ones if beta is None else beta)
-        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        empty = torch.empty((0,), dtype=torch.float32, device=q.device)
-        return [Launch(_hybrid_kernel, grid, (
-            q, k, v, wq, wk, bq, bk, alpha, beta, out, cu, T, float(eps), scale * LOG2E, int(window), *strides,
-        ), common)], (out, empty, empty)
     s = torch.empty((N, Hkv, fw, Dv), dtype=torch.float32, device=q.device)
     z = torch.empty((N, Hkv, fw), dtype=torch.float32, device=q.device)
     return [Launch(_fwd_kernel, grid, (
@@ -717,14 +633,20 @@ def _plan_forward(q, k, v, fmap, causal, eps, s0, z0, cu_seqlens, window, alpha,
 
 def plan_linear_attention(q, k, v, causal, eps, initial_S, initial_z, cu_seqlens, *, target: Target):
     """The launch of `linear_attention` on `target` and its (out, S_T, z_T) (see kernels/_utils.py)."""
-    return _plan_forward(q, k, v, None, causal, eps, initial_S, initial_z, cu_seqlens, 0, None, None, None, target)
+    return _plan_forward(q, k, v, None, causal, eps, initial_S, initial_z, cu_seqlens, target)
 
 
 def plan_hedgehog_attention(q, k, v, q_weight, k_weight, q_bias, k_bias, causal, eps, initial_S, initial_z, window,
                             alpha, beta, scale, cu_seqlens, *, target: Target):
-    """The launch of `hedgehog_attention` on `target` and its (out, S_T, z_T) (empty states with window > 0)."""
+    """The launch of `hedgehog_attention` on `target` and its (out, S_T, z_T) (empty states with window > 0:
+    kernels/hedgehog_hybrid.py)."""
+    if window > 0:
+        from pyfast.kernels import hedgehog_hybrid
+
+        return hedgehog_hybrid.plan_forward(q, k, v, q_weight, k_weight, q_bias, k_bias, eps, window, alpha, beta,
+                                            scale, cu_seqlens, target=target)
     return _plan_forward(q, k, v, (q_weight, k_weight, q_bias, k_bias), causal, eps, initial_S, initial_z, cu_seqlens,
-                         window, alpha, beta, scale, target)
+                         target)
 
 
 def linear_attention(q, k, v, causal, eps, initial_S, initial_z, cu_seqlens):
@@ -796,7 +718,7 @@ def _plan_backward(grad_out, grad_S, grad_z, q, k, v, fmap, causal, eps, s0, z0,
         ), dict(common, G=Hq // Hkv)),
         Launch(_bwd_kv_kernel, (Hkv, N), (
             q, k, v, wq, wk, bq, bk, grad_out, rr, kk, dummy if grad_S is None else grad_S,
-            dummy if grad_z is None else grad_z, dk, dv, ds0, dz0, cu, T, *qstr, *kstr, *vstr, *gstr,
+            dummy if grad_z is None else grad_z, dk, dv, ds0, dz0, cu, T, 0, *qstr, *kstr, *vstr, *gstr,
         ), dict(full_v, G=Hq // Hkv, HAS_GS=grad_S is not None)),
     ]
     return launches, (dq, dk, dv, ds0, dz0)
@@ -812,8 +734,13 @@ def plan_linear_attention_backward(grad_out, grad_S, grad_z, q, k, v, causal, ep
 def plan_hedgehog_attention_backward(grad_out, grad_S, grad_z, q, k, v, q_weight, k_weight, q_bias, k_bias, causal,
                                      eps, initial_S, initial_z, window, alpha, beta, scale, cu_seqlens, *,
                                      target: Target):
-    """The launches of `hedgehog_attention_backward` on `target` (window = 0, which the launcher
-    checks; see _plan_backward)."""
+    """The launches of `hedgehog_attention_backward` on `target` (see _plan_backward; window > 0:
+    kernels/hedgehog_hybrid.py)."""
+    if window > 0:
+        from pyfast.kernels import hedgehog_hybrid
+
+        return hedgehog_hybrid.plan_backward(grad_out, q, k, v, q_weight, k_weight, q_bias, k_bias, eps, window, alpha,
+                                             beta, scale, cu_seqlens, target=target)
     return _plan_backward(grad_out, grad_S, grad_z, q, k, v, (q_weight, k_weight, q_bias, k_bias), causal, eps,
                           initial_S, initial_z, cu_seqlens, target)
 
@@ -822,10 +749,12 @@ def _empty(like):
     return like.new_empty((0,))
 
 
-def _feature_grads(x, du, weight, bias):
-    """(dx, dW, db) of u = x W + b [B, H, T, F] from the kernels' fp32 du: dx = du W^T, dW = sum over
-    tokens of x^T du, db = sum du, as fp32 torch matmuls (no TF32: torch's default for fp32)."""
-    dx = torch.einsum("bhtf,hdf->bhtd", du, weight.float()).to(x.dtype)
+def _feature_grads(x, du, weight, bias, dx_more=None):
+    """(dx, dW, db) of u = x W + b [B, H, T, F] from the kernels' fp32 du: dx = du W^T (+ dx_more, an
+    fp32 gradient of x by another path), dW = sum over tokens of x^T du, db = sum du, as fp32 torch
+    matmuls (no TF32: torch's default for fp32)."""
+    dx = torch.einsum("bhtf,hdf->bhtd", du, weight.float())
+    dx = (dx if dx_more is None else dx + dx_more).to(x.dtype)
     dw = torch.einsum("bhtd,bhtf->hdf", x.float(), du).to(weight.dtype)
     db = _empty(x) if bias is None else du.sum((0, 2)).to(bias.dtype)
     return dx, dw, db
@@ -845,13 +774,13 @@ def linear_attention_backward(grad_out, grad_S, grad_z, q, k, v, causal, eps, in
 def hedgehog_attention_backward(grad_out, grad_S, grad_z, q, k, v, q_weight, k_weight, q_bias, k_bias, causal, eps,
                                 initial_S, initial_z, window, alpha, beta, scale, cu_seqlens):
     """Gradients (dq, dk, dv, dq_weight, dk_weight, dq_bias, dk_bias, dS0, dz0, dalpha, dbeta) of
-    hedgehog_attention with window = 0 (the backward op's arguments, schema order); absent
-    arguments get empty tensors, alpha and beta (unused without a window) zeros. The weight and
-    bias gradients are the kernels' per-sequence fp32 partials summed here."""
+    hedgehog_attention (the backward op's arguments, schema order); absent arguments get empty
+    tensors, alpha and beta (unused without a window) zeros. Window > 0: kernels/hedgehog_hybrid.py."""
     if window > 0:
-        raise ValueError("pyfast.hedgehog_attention_backward: expected window 0 for backend 'triton' (the Triton "
-                         "backward of the sliding-window hybrid is not implemented; use backend 'cpu' or "
-                         f"'reference'), got {window}")
+        from pyfast.kernels import hedgehog_hybrid
+
+        return hedgehog_hybrid.attention_backward(grad_out, q, k, v, q_weight, k_weight, q_bias, k_bias, eps, window,
+                                                  alpha, beta, scale, cu_seqlens)
     du_q, du_k, dv, ds0, dz0 = run_plan(
         plan_hedgehog_attention_backward, q.device, grad_out, grad_S, grad_z, q, k, v, q_weight, k_weight, q_bias,
         k_bias, causal, eps, initial_S, initial_z, window, alpha, beta, scale, cu_seqlens)

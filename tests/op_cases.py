@@ -75,6 +75,22 @@ def _public_hedgehog(a, backend):
         backend=backend)
 
 
+def _args_hedgehog_window():
+    """hedgehog_attention with the sliding-window hybrid: no state, alpha and beta given."""
+    from hedgehog.hedgehog_cases import make_problem
+
+    p = make_problem(1, 4, 2, 20, 16, 8, 12, lengths=[7, 13], window_weights=True)
+    return dict(q=p["q"], k=p["k"], v=p["v"], q_weight=p["q_weight"], k_weight=p["k_weight"], q_bias=p["q_bias"],
+                k_bias=p["k_bias"], causal=True, eps=1e-6, initial_S=None, initial_z=None, window=5, alpha=p["alpha"],
+                beta=p["beta"], scale=None, cu_seqlens=p["cu_seqlens"])
+
+
+def _args_hedgehog_window_backward():
+    """Its backward op's call: grad_out only (the hybrid returns no state)."""
+    a = _args_hedgehog_window()
+    return dict(grad_out=torch.randn(*a["q"].shape[:3], a["v"].shape[3]), grad_S=None, grad_z=None) | a
+
+
 def _args_linear():
     a = _args_hedgehog()
     q, k = (pyfast.hedgehog_feature_map(a[x], a[f"{x}_weight"], a[f"{x}_bias"], backend="reference") for x in "qk")
@@ -149,5 +165,16 @@ OPS = {  # op -> (valid call, the same call through pyfast.<op>(..., backend=bac
     ),
 }
 assert set(OPS) == set(_registry.REGISTRY), "every registered op needs a valid call here"
+# More valid calls of some ops, for the opcheck / torch.compile tests (tests/test_registry.py):
+# op -> {variant: (valid call, public entry point)}.
+VARIANTS = {
+    "hedgehog_attention": {"window": (_args_hedgehog_window, _public_hedgehog)},
+    "hedgehog_attention_backward": {"window": (_args_hedgehog_window_backward, _raw("hedgehog_attention_backward"))},
+}
+
+
+def calls(op: str) -> dict:
+    """{variant: (valid call, public entry point)} of `op`: OPS[op] as variant "" and its VARIANTS."""
+    return {"": OPS[op], **VARIANTS.get(op, {})}
 # Ops without a public function (called by another op's autograd): their "public" entry is the raw op.
 INTERNAL = {"linear_attention_backward", "hedgehog_attention_backward"}

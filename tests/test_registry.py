@@ -40,14 +40,16 @@ def _device(backend: str) -> str:
 
 
 def _op_backends(skip=()):
-    """(op, backend) for every op and each of its backends that runs here."""
-    return [pytest.param(op, b, id=f"{op}-{b}") for op in OPS for b in op_cases.BACKENDS
+    """(op, backend, variant) for every op, each of its valid calls (op_cases.calls) and each of its
+    backends that runs here."""
+    return [pytest.param(op, b, var, id="-".join(x for x in (op, var, b) if x)) for op in OPS
+            for var in op_cases.calls(op) for b in op_cases.BACKENDS
             if b in _registry.REGISTRY[op].impls and b not in skip]
 
 
-@pytest.mark.parametrize("op, backend", _op_backends())
-def test_opcheck(op, backend):
-    make, _ = op_cases.OPS[op]
+@pytest.mark.parametrize("op, backend, variant", _op_backends())
+def test_opcheck(op, backend, variant):
+    make, _ = op_cases.calls(op)[variant]
     a = make()
     opdef = _registry.REGISTRY[op]
     if opdef.autograd is not None:  # exercise the registered backward too
@@ -57,11 +59,11 @@ def test_opcheck(op, backend):
     torch.library.opcheck(opdef.overload, tuple(op_cases.schema_order(op, _on(device, a))), {"backend": backend})
 
 
-@pytest.mark.parametrize("op, backend", _op_backends())
-def test_compile_fullgraph(op, backend):
+@pytest.mark.parametrize("op, backend, variant", _op_backends())
+def test_compile_fullgraph(op, backend, variant):
     """pyfast.<op> traced whole by torch.compile gives the eager result (the rules run in the fake
     impl while tracing, and again at run time)."""
-    make, public = op_cases.OPS[op]
+    make, public = op_cases.calls(op)[variant]
     torch._dynamo.reset()  # one lambda compiled per (op, backend): keep under dynamo's recompile limit
     device = _device(backend)
     a_eager, a_compiled = (_on(device, a) for a in _twice(make))

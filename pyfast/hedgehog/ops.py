@@ -5,9 +5,9 @@ Each op is declared once in the op registry (pyfast/_registry.py) below: its rul
 concept), fake impl, autograd and backends. The public functions bind the Python arguments (the
 (S, z) state tuple, defaults) and call the op. Implementations: "cpu" (csrc/hedgehog/*.cpp),
 "cuda" (csrc/hedgehog/hedgehog_cuda.cu: the decode step, and the fused forward for window 0 in
-float16 / bfloat16, see cuda_unsupported), "triton" (kernels/hedgehog.py: the attention ops and
-their backward ops; the default on CUDA tensors where the CUDA C++ kernel does not cover the
-arguments), "reference" (pyfast/reference/hedgehog.py, float64). The exact math and layouts:
+float16 / bfloat16, see cuda_unsupported), "triton" (kernels/hedgehog.py, the window hybrid in
+kernels/hedgehog_hybrid.py: the attention ops and their backward ops; the default on CUDA tensors
+where the CUDA C++ kernel does not cover the arguments), "reference" (pyfast/reference/hedgehog.py, float64). The exact math and layouts:
 pyfast/reference/hedgehog.py.
 
 The attention ops always return (out, S, z): the final state, float32, one per sequence (or per

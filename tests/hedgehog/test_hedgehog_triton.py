@@ -5,7 +5,8 @@ attention of given features, NaN placement, and the backward of every tensor arg
 a GPU they run in the Triton interpreter (tests/conftest.py), so the shapes are small but odd:
 T = 1, 63, 65, 130 around the interpreter's 16-token chunk, D / F / Dv not powers of two. Outputs
 are NaN-poisoned (tests/conftest.py), so an unwritten element fails. The gradient test of every
-backend (test_hedgehog_gradients.py) covers more gradient cases."""
+backend (test_hedgehog_gradients.py) covers more gradient cases; the window hybrid's backward has
+its own battery (test_hedgehog_hybrid_backward.py)."""
 
 from __future__ import annotations
 
@@ -204,15 +205,6 @@ def test_backward_op_without_grad_state_and_nan():
     grad[0, 3, 20, 5] = float("nan")
     nan = call("triton", DEVICE)[0].cpu().isnan()
     assert nan[0, 3, 20].all() and nan.sum() == nan[0, 3, 20].numel()
-
-
-def test_window_backward_is_refused():
-    p = make_problem(1, 2, 2, 20, 16, 16, 16, window_weights=True)
-    q = p["q"].to(DEVICE).requires_grad_()
-    out = pyfast.hedgehog_attention(q, *on_device({n: p[n] for n in ("k", "v", "q_weight", "k_weight")}).values(),
-                                    window=4, backend="triton")
-    with pytest.raises(ValueError, match=r"^pyfast\.hedgehog_attention_backward: expected window 0 for backend"):
-        out.sum().backward()
 
 
 def test_default_on_cuda_is_triton():
