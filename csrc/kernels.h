@@ -97,9 +97,9 @@ std::vector<at::Tensor> linear_attention_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double eps,
     const c10::optional<at::Tensor>& initial_S, const c10::optional<at::Tensor>& initial_z,
     const c10::optional<at::Tensor>& cu_seqlens);
-// Per-thread memory for the chunk states the causal backward keeps (bytes); tests lower it to reach
-// the checkpointed path (pyfast._C.set_hedgehog_backward_state_bytes).
-int64_t& backward_state_bytes();
+// Chunks per block of the causal backward's slots (0: as many as kStateBytes holds); tests set a few
+// to reach the checkpointed path (pyfast._C.set_hedgehog_backward_block_chunks).
+int64_t& backward_block_chunks();
 }  // namespace hedgehog
 
 }  // namespace pyfast

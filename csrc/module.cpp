@@ -53,9 +53,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("set_poison_outputs", [](bool on) { pyfast::poison_outputs() = on; },
         "Fill every op output with NaN before the kernel writes it (for tests).");
-  m.def("set_hedgehog_backward_state_bytes", [](int64_t bytes) { pyfast::hedgehog::backward_state_bytes() = bytes; },
-        "Per-thread memory (bytes) for the chunk states of the causal Hedgehog backward; longer "
-        "sequences are recomputed from checkpoints (tests lower it to reach that path).");
+  m.def("set_hedgehog_backward_block_chunks", [](int64_t n) { pyfast::hedgehog::backward_block_chunks() = n; },
+        "Chunks per block of the causal Hedgehog backward's kept states (0, the default: as many as "
+        "its per-thread memory budget holds); longer sequences are recomputed from checkpoints "
+        "(tests set a few chunks to reach that path).");
   m.def("set_cpu_isa", [](const std::string& isa) {
         using namespace pyfast;
         int cap = kIsaAvx512Vnni;  // "auto": the best this CPU runs

@@ -125,7 +125,8 @@ def _hybrid_kernel(
     b_zp = tl.zeros([BF], dtype=tl.float32)
     b_zn = tl.zeros([BF], dtype=tl.float32)
     # The products of features and e with values take input-dtype operands (tensor cores), except in
-    # the STATS pass: fp32 there (an fp32 pointer as the rounding type), as dalpha and dbeta sum
+    # the STATS pass: fp32 there (an fp32 pointer as the rounding type, and the launcher's
+    # PREC="ieee", so not TF32 either, whose 10-bit mantissa is fp16's), as dalpha and dbeta sum
     # differences of nearly equal terms (bf16 operands moved them by up to 6e-2 at window 64).
     p_lp = v
     if STATS:
@@ -172,11 +173,11 @@ def _hybrid_kernel(
             b_dp = (b_be * b_gne + b_al * b_gnl) * b_ri * b_ri
             b_da += (b_gnl * (b_be * b_den_e + eps) - b_be * b_gne * b_den_l) * b_ri * b_ri
             b_db += (b_gne * (b_al * b_den_l + eps) - b_al * b_gnl * b_den_e) * b_ri * b_ri
-            tl.store(p_row + ROW_M * NROW + o_t, b_m, mask=m_t)
-            tl.store(p_row + ROW_RINV * NROW + o_t, b_ri, mask=m_t)
-            tl.store(p_row + ROW_DP * NROW + o_t, b_dp, mask=m_t)
-            tl.store(p_row + ROW_R * NROW + o_t, b_al * b_ri, mask=m_t)
-            tl.store(p_row + ROW_K * NROW + o_t, -b_al * b_dp, mask=m_t)
+            tl.store(p_row + ROW_M * NROW.to(tl.int64) + o_t, b_m, mask=m_t)
+            tl.store(p_row + ROW_RINV * NROW.to(tl.int64) + o_t, b_ri, mask=m_t)
+            tl.store(p_row + ROW_DP * NROW.to(tl.int64) + o_t, b_dp, mask=m_t)
+            tl.store(p_row + ROW_R * NROW.to(tl.int64) + o_t, b_al * b_ri, mask=m_t)
+            tl.store(p_row + ROW_K * NROW.to(tl.int64) + o_t, -b_al * b_dp, mask=m_t)
         else:
             b_out = (b_be * b_num_e + b_al * b_num_l) / (b_be * b_den_e + b_al * b_den_l + eps)[:, None]
             _store_rows(p_o, s_ot, o_t, m_t, b_out, DV - i_v * BV, BV)
@@ -188,11 +189,11 @@ def _hybrid_kernel(
 @triton.jit
 def _load_row_stats(p_row, NROW, o_t, m_t):
     """(m, 1 / den, d', r, k) of the rows o_t (zeros past m_t)."""
-    b_m = tl.load(p_row + ROW_M * NROW + o_t, mask=m_t, other=0)
-    b_ri = tl.load(p_row + ROW_RINV * NROW + o_t, mask=m_t, other=0)
-    b_dp = tl.load(p_row + ROW_DP * NROW + o_t, mask=m_t, other=0)
-    b_r = tl.load(p_row + ROW_R * NROW + o_t, mask=m_t, other=0)
-    b_k = tl.load(p_row + ROW_K * NROW + o_t, mask=m_t, other=0)
+    b_m = tl.load(p_row + ROW_M * NROW.to(tl.int64) + o_t, mask=m_t, other=0)
+    b_ri = tl.load(p_row + ROW_RINV * NROW.to(tl.int64) + o_t, mask=m_t, other=0)
+    b_dp = tl.load(p_row + ROW_DP * NROW.to(tl.int64) + o_t, mask=m_t, other=0)
+    b_r = tl.load(p_row + ROW_R * NROW.to(tl.int64) + o_t, mask=m_t, other=0)
+    b_k = tl.load(p_row + ROW_K * NROW.to(tl.int64) + o_t, mask=m_t, other=0)
     return b_m, b_ri, b_dp, b_r, b_k
 
 
@@ -255,6 +256,7 @@ def _hybrid_bwd_q_kernel(
             b_dqn += _mm(b_pl, b_kn, v, False, PREC, UPCAST)
             b_sc = _band_scores(b_x, b_kx, o_t, o_s, m_s, WINDOW, scale_log2, v, PREC, UPCAST)
             # b e de' (0 off the band), rounded as the key pass rounds it: one band key gives dq = 0 exactly
+            # with ieee products (TF32 rounds b_ew in the product below but not in b_cr * b_kt: ~2^-11 ew k)
             b_ew = (b_be * tl.exp2(b_sc - b_m[:, None])) * (b_ri[:, None] * b_p0 - b_dp[:, None])
             b_sig += tl.sum(b_ew, axis=1)
             b_dx += _mm(b_ew, b_kx, v, False, PREC, UPCAST)  # [BT, BT] @ [BT, BD]
@@ -391,7 +393,7 @@ def plan_backward(grad_out, q, k, v, q_weight, k_weight, q_bias, k_bias, eps, wi
         Launch(_hybrid_kernel, (1, Hq, N), (
             q, k, v, *weights, alpha, beta, grad_out, rows, part, cu, T, float(eps), scale_log2, window, nrow,
             *qstr, *kstr, *vstr, *gstr,
-        ), dict(common, STATS=True, **shape)),
+        ), dict(common, STATS=True, **shape, PREC="ieee")),  # fp32 operands must stay fp32, not TF32 (above)
         Launch(_hybrid_bwd_q_kernel, (Hq, N), (
             q, k, v, *weights, beta, grad_out, rows, corr, du_q, dq_band, cu, T, scale, scale_log2, window, nrow,
             *qstr, *kstr, *vstr, *gstr,

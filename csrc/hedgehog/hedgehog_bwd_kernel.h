@@ -1,8 +1,7 @@
 // The Hedgehog backward CPU kernel, written once over an `Isa` struct and compiled per ISA: include
 // this after defining `Isa` inside an anonymous namespace (see hedgehog_cpu_backward_avx512.cpp).
-// Isa derives from Vec16 (common/cpu_vec16_*.h) and adds maxv, exp, loadf_n/storef_n (n < 16 lanes,
-// zeros past n, no access past n) and fill_tail(v, n, x) (lanes >= n set to x); load<E>(p, n) and
-// transpose16 come from Vec16.
+// Isa derives from Vec16 (common/cpu_vec16_*.h: load<E>/store<E> of n <= 16 lanes, transpose16) and
+// adds maxv, exp and fill_tail(v, n, x) (lanes >= n set to x).
 //
 // Math (pyfast/reference/hedgehog.py; per query head h, its KV head j, features Q = phi_q(q),
 // K = phi_k(k)). Forward: num_t = Q_t S_t, den_t = Q_t . z_t + eps, out_t = num_t / den_t (the hybrid
@@ -34,11 +33,8 @@
 
 using V = typename Isa::V;
 
-inline V vload(const float* p, int64_t n) { return n >= kLanes ? Isa::loadf(p) : Isa::loadf_n(p, n); }
-inline void vstore(float* p, const V& v, int64_t n) {
-  if (n >= kLanes) Isa::storef(p, v);
-  else Isa::storef_n(p, v, n);
-}
+inline V vload(const float* p, int64_t n) { return Isa::template load<Elem::kF32>(p, n); }
+inline void vstore(float* p, const V& v, int64_t n) { Isa::template store<Elem::kF32>(p, v, n); }
 
 // Which part of C = A B a row block [i0, i1) needs (the masked matrices are triangular).
 enum class Tri {
@@ -160,7 +156,6 @@ struct Task {
     D = p.D, Dp = l.Dp, F = p.F, Fp = l.Fp, F2 = p.F2, F2p = l.F2p, Dv = p.Dv, Dvp = l.Dvp;
   }
 
-  mutable const float* kf_ = nullptr;  // the current chunk's key features (scratch or slot), set by load_keys
   float* buf(int64_t off) const { return sp + off; }
   const T* in_row(const Rows& r, int64_t h, int64_t tok) const {
     return static_cast<const T*>(r.p) + b * r.sb + h * r.sh + tok * r.st;
@@ -363,8 +358,7 @@ struct Task {
   // ------------------------------------------------------------------ linear part
 
   // S^T += V^T K, z += sum K over the nr keys in kf, vv (the state kept transposed: R = G S^T reads it).
-  void state_update(int64_t nr, float* st, float* z) const {
-    const float* kf = kf_;
+  void state_update(int64_t nr, float* st, float* z, const float* kf) const {
     Gemm::run(Dv, F2p / kLanes, nr, buf(l.vv), 1, Dvp, kf, F2p, st, F2p, true);  // [Dv, nr] @ [nr, F2]
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t c = 0; c < F2p; c += kLanes) Isa::storef(z + c, Isa::add(Isa::loadf(z + c), Isa::loadf(kf + r * F2p + c)));
@@ -372,20 +366,23 @@ struct Task {
 
   // Keys [i0, i0 + nr) of the linear part: features (computed into `into`, default the scratch, or
   // read from a slot's `cached` ones with only the raw rows reloaded for the feature-map gradient;
-  // kf_ points at them), v (and the transposes the causal parts need).
-  void load_keys(int64_t i0, int64_t nr, bool transposes, const float* cached = nullptr, float* into = nullptr) const {
+  // returns where they are), v (and the transposes the causal parts need).
+  const float* load_keys(int64_t i0, int64_t nr, bool transposes, const float* cached = nullptr,
+                         float* into = nullptr) const {
+    const float* kf = cached;
     if (!cached) {
-      kf_ = into ? into : buf(l.kf);
-      k_features(t0 + i0, nr, into ? into : buf(l.kf));
-    } else {
-      kf_ = cached;
-      if (p.feature_map) load(p.k, j, t0 + i0, nr, D, buf(l.xk), Dp);
+      float* f = into ? into : buf(l.kf);
+      k_features(t0 + i0, nr, f);
+      kf = f;
+    } else if (p.feature_map) {
+      load(p.k, j, t0 + i0, nr, D, buf(l.xk), Dp);
     }
     load(p.v, j, t0 + i0, nr, Dv, buf(l.vv), Dvp);
     if (transposes) {
-      transpose(kf_, F2p, nr, F2, buf(l.kft), C);
+      transpose(kf, F2p, nr, F2, buf(l.kft), C);
       transpose(buf(l.vv), Dvp, nr, Dv, buf(l.vt), C);
     }
+    return kf;
   }
 
   // Ask for the input rows chunk [i0, i0 + nr) will read (k, v; q and grad_out of the query heads
@@ -429,7 +426,7 @@ struct Task {
   // given the state entering the chunk (st, z) and, when causal, the chunk's keys (kf, kft, vt):
   // den and gnum (with the window part), r and k per row, dQ into dq rows, dW_q, db_q. Leaves qf,
   // gr, pm = P and m = M for the key gradients.
-  void query_rows(int64_t h, int64_t i0, int64_t nr, const float* st, const float* z) const {
+  void query_rows(int64_t h, int64_t i0, int64_t nr, const float* st, const float* z, const float* kf) const {
     const bool causal = p.causal;
     const int64_t tq = t0 + w + i0;
     float* qf = buf(l.qf);
@@ -472,7 +469,7 @@ struct Task {
     }
     if (causal) {
       make_p(nr, rr, kk);
-      Gemm::run(nr, F2p / kLanes, nr, pm, C, 1, kf_, F2p, dqf, F2p, true, Tri::kKLower);  // [nr, nr] @ [nr, F2]
+      Gemm::run(nr, F2p / kLanes, nr, pm, C, 1, kf, F2p, dqf, F2p, true, Tri::kKLower);  // [nr, nr] @ [nr, F2]
     }
     features_backward(buf(l.xq), qf, dqf, nr, p.feature_map ? p.wqt + h * F * Dp : nullptr,
                       out_row(p.dq, p.Hq, h, tq, D), acc.dwq ? acc.dwq + h * D * Fp : nullptr,
@@ -498,19 +495,19 @@ struct Task {
 
   // The key gradients of the chunk [i0, i0 + nr) through the running dS, dz (the later queries):
   // dK = V dS^T + dz into dkf, dv = K dS into dva.
-  void keys_through_state(int64_t nr) const {
+  void keys_through_state(int64_t nr, const float* kf) const {
     float* dkf = buf(l.dkf);
     transpose(buf(l.ds), Dvp, F2, Dv, buf(l.dst), F2p);
     Gemm::run(nr, F2p / kLanes, Dv, buf(l.vv), Dvp, 1, buf(l.dst), F2p, dkf, F2p, false);  // [nr, Dv] @ [Dv, F2]
     const float* dz = buf(l.dz);
     for (int64_t t = 0; t < nr; ++t)
       for (int64_t c = 0; c < F2p; c += kLanes) Isa::storef(dkf + t * F2p + c, Isa::add(Isa::loadf(dkf + t * F2p + c), Isa::loadf(dz + c)));
-    Gemm::run(nr, Dvp / kLanes, F2, kf_, F2p, 1, buf(l.ds), Dvp, buf(l.dva), Dvp, false);  // [nr, F2] @ [F2, Dv]
+    Gemm::run(nr, Dvp / kLanes, F2, kf, F2p, 1, buf(l.ds), Dvp, buf(l.dva), Dvp, false);  // [nr, F2] @ [F2, Dv]
   }
 
   // dK (dkf) and dv (dva) of the chunk's keys [i0, i0 + nr) into dk, dv, dW_k, db_k.
-  void key_rows_out(int64_t i0, int64_t nr) const {
-    features_backward(buf(l.xk), kf_, buf(l.dkf), nr, p.feature_map ? p.wkt + j * F * Dp : nullptr,
+  void key_rows_out(int64_t i0, int64_t nr, const float* kf) const {
+    features_backward(buf(l.xk), kf, buf(l.dkf), nr, p.feature_map ? p.wkt + j * F * Dp : nullptr,
                       out_row(p.dk, p.Hkv, j, t0 + i0, D), acc.dwk ? acc.dwk + j * D * Fp : nullptr,
                       p.bk ? acc.dbk + j * Fp : nullptr);
     float* dvo = out_row(p.dv, p.Hkv, j, t0 + i0, Dv);
@@ -521,17 +518,17 @@ struct Task {
   // Causal, one reverse step: chunk [i0, i0 + nr) with the state entering it (st, z) and its key
   // features kf.
   void reverse_chunk(int64_t i0, int64_t nr, const float* st, const float* z, const float* kf) const {
-    load_keys(i0, nr, true, kf);
-    keys_through_state(nr);  // before this chunk's queries join dS
+    kf = load_keys(i0, nr, true, kf);
+    keys_through_state(nr, kf);  // before this chunk's queries join dS
     float* dkf = buf(l.dkf);
     float* dva = buf(l.dva);
     for (int64_t g = 0; g < G; ++g) {
-      query_rows(j * G + g, i0, nr, st, z);
+      query_rows(j * G + g, i0, nr, st, z, kf);
       accumulate_ds(nr);
       Gemm::run(nr, Dvp / kLanes, nr, buf(l.m), 1, C, buf(l.ga), Dvp, dva, Dvp, true, Tri::kKUpper);  // dv += M^T (r G)
       Gemm::run(nr, F2p / kLanes, nr, buf(l.pm), 1, C, buf(l.qf), F2p, dkf, F2p, true, Tri::kKUpper);  // dK += P^T Q
     }
-    key_rows_out(i0, nr);
+    key_rows_out(i0, nr, kf);
   }
 
   // Causal: the pre-pass keeps the state entering each chunk of a block and the chunk's key
@@ -549,15 +546,14 @@ struct Task {
         float* slot = buf(l.slots) + (c - c0) * l.slot;
         prefetch_chunk((c + 1) * C, c + 1 < c1 ? rows(c + 1) : 0, false);
         save(slot);
-        load_keys(c * C, rows(c), false, nullptr, slot + l.state);
-        if (c + 1 < c1) state_update(C, st, z);  // no chunk of this block reads the state after it
+        const float* kf = load_keys(c * C, rows(c), false, nullptr, slot + l.state);
+        if (c + 1 < c1) state_update(C, st, z, kf);  // no chunk of this block reads the state after it
       }
     };
     for (int64_t bk = 0; bk + 1 < nblocks; ++bk) {  // checkpoints only
       save(buf(l.ckpts) + bk * l.state);
       for (int64_t c = bk * ns; c < (bk + 1) * ns; ++c) {
-        load_keys(c * C, C, false);
-        state_update(C, st, z);
+        state_update(C, st, z, load_keys(c * C, C, false));
       }
     }
     for (int64_t bk = nblocks - 1; bk >= 0; --bk) {
@@ -584,21 +580,20 @@ struct Task {
     float* z = buf(l.z);
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t nr = nlin - c * C < C ? nlin - c * C : C;
-      load_keys(c * C, nr, false);
-      state_update(nr, st, z);
+      state_update(nr, st, z, load_keys(c * C, nr, false));
     }
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t nr = nlin - c * C < C ? nlin - c * C : C;
       for (int64_t g = 0; g < G; ++g) {
-        query_rows(j * G + g, c * C, nr, st, z);
+        query_rows(j * G + g, c * C, nr, st, z, nullptr);  // non-causal: no intra-chunk product
         accumulate_ds(nr);
       }
     }
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t nr = nlin - c * C < C ? nlin - c * C : C;
-      load_keys(c * C, nr, false);
-      keys_through_state(nr);
-      key_rows_out(c * C, nr);
+      const float* kf = load_keys(c * C, nr, false);
+      keys_through_state(nr, kf);
+      key_rows_out(c * C, nr, kf);
     }
   }
 

@@ -124,7 +124,7 @@ std::vector<at::Tensor> backward(const Inputs& in) {
                 o_db = o_da + Hq, per_thread = o_db + Hq;
   at::Tensor part = at::zeros({threads, per_thread}, q.options().dtype(at::kFloat));
 
-  const bwd::Layout layout(p, tmax, backward_state_bytes());
+  const bwd::Layout layout(p, tmax, backward_block_chunks());
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (n, j), longest sequences first
   for (int64_t n = 0; n < p.N; ++n)
     for (int64_t j = 0; j < Hkv; ++j) tasks.emplace_back(n, j);
@@ -164,9 +164,9 @@ std::vector<at::Tensor> backward(const Inputs& in) {
 
 }  // namespace
 
-int64_t& backward_state_bytes() {
-  static int64_t bytes = bwd::kStateBytes;
-  return bytes;
+int64_t& backward_block_chunks() {
+  static int64_t chunks = 0;
+  return chunks;
 }
 
 std::vector<at::Tensor> hedgehog_attention_backward_cpu(

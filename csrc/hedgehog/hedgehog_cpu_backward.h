@@ -60,10 +60,10 @@ struct Partials {  // one thread's sums (zero-initialised by the host)
 
 // Causal: the state entering every chunk (S^T [Dv, F2p] and z [F2p]) and the chunk's key features
 // ([kChunk, F2p]), one "slot", are kept between the forward pre-pass and the reverse pass, so the
-// reverse pass computes no key features; at most state_bytes per thread (default kStateBytes, about
-// 32k tokens at F2 = 128, Dv = 64); longer sequences are done in blocks of that many chunks, each
-// block's slots recomputed from a checkpoint (a state only) at its start (one more K pass over those
-// chunks).
+// reverse pass computes no key features; at most kStateBytes per thread (about 32k tokens at
+// F2 = 128, Dv = 64) or block_chunks slots when that is > 0 (tests); longer sequences are done in
+// blocks of that many chunks, each block's slots recomputed from a checkpoint (a state only) at its
+// start (one more K pass over those chunks).
 constexpr int64_t kStateBytes = int64_t{32} << 20;
 
 // The fp32 scratch of one thread (offsets in floats, each a multiple of kLanes). tmax = the longest
@@ -73,12 +73,13 @@ struct Layout {
   int64_t xq, xk, u, qf, kf, kft, vv, vt, gr, ga, m, pm, st, z, dst, r, dqf, dkf, du, dx, ds, dz, dva, rows;
   int64_t slots, ckpts, sc, e, gv, qs, dqrow, total;
 
-  Layout(const Problem& p, int64_t tmax, int64_t state_bytes) {
+  Layout(const Problem& p, int64_t tmax, int64_t block_chunks) {
     const int64_t C = kChunk;
     Dp = pad16(p.D), Fp = pad16(p.F), F2p = pad16(p.F2), Dvp = pad16(p.Dv), G = p.Hq / p.Hkv;
     wb = p.window > 0 ? pad16(p.window < tmax ? p.window : tmax) : 0;
     state = pad16(p.Dv * F2p + F2p), slot = state + C * F2p;
-    const int64_t nchunks = (tmax + C - 1) / C, cap = state_bytes / 4 / slot > 1 ? state_bytes / 4 / slot : 1;
+    const int64_t budget = kStateBytes / 4 / slot > 1 ? kStateBytes / 4 / slot : 1;
+    const int64_t nchunks = (tmax + C - 1) / C, cap = block_chunks > 0 ? block_chunks : budget;
     nslots = p.causal ? (nchunks < cap ? nchunks : cap) : 0;
     nckpt = nslots ? (nchunks + nslots - 1) / nslots : 0;
     int64_t at = 0;

@@ -33,8 +33,6 @@ namespace {
 struct Isa : Vec16 {
   static inline V maxv(V a, V b) { return _mm512_max_ps(a, b); }
   static inline V fill_tail(V a, int64_t n, float x) { return _mm512_mask_blend_ps(first(n), _mm512_set1_ps(x), a); }
-  static inline V loadf_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
-  static inline void storef_n(float* p, V a, int64_t n) { _mm512_mask_storeu_ps(p, first(n), a); }
 
   // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite, |r| <= ln2 / 2),
   // e^r by its degree-7 Taylor series (exp_taylor7, truncation < 1e-8 relative). x is clamped to

@@ -17,10 +17,6 @@ struct Isa : Vec16 {
   static inline V maxv(const V& a, const V& b) { return map([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; }); }
   static inline V exp(const V& x) { return map([&](int i) { return std::exp(x.v[i]); }); }
   static inline V fill_tail(const V& a, int64_t n, float x) { return map([&](int i) { return i < n ? a.v[i] : x; }); }
-  static inline V loadf_n(const float* p, int64_t n) { return map([&](int i) { return i < n ? p[i] : 0.f; }); }
-  static inline void storef_n(float* p, const V& a, int64_t n) {
-    for (int i = 0; i < 16 && i < n; ++i) p[i] = a.v[i];
-  }
 };
 
 #include "hedgehog/hedgehog_bwd_kernel.h"

@@ -4,8 +4,8 @@
 // fma(a, b, c) = a*b + c, reduce_add, reduce_max, loadf/storef, load<E>(p, n) / store<E>(p, v, n):
 // n <= 16 lanes of element type E, loads give zeros past n, stores write n) and adds max, min, div,
 // exp (~1e-7 relative, NaN-propagating, subnormal results flushed to zero), keep(v, lo, hi) (lanes
-// [lo, hi) of v, zeros elsewhere), mask(v, lo, hi, x) (x elsewhere) and transpose16 (a 16 x 16
-// block held in 16 vectors).
+// [lo, hi) of v, zeros elsewhere) and mask(v, lo, hi, x) (x elsewhere); transpose16 (a 16 x 16
+// block held in 16 vectors) comes from Vec16 too.
 //
 // Chunked causal linear attention (pyfast/reference/hedgehog.py), per KV head and chunk of 64
 // tokens, all in fp32 with the running state S [FF, Dv], z [FF]:

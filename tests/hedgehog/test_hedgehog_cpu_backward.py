@@ -126,12 +126,12 @@ def _eps(t, state):
 
 
 @contextlib.contextmanager
-def _state_bytes(n):
-    _C.set_hedgehog_backward_state_bytes(n)
+def _block_chunks(n):
+    _C.set_hedgehog_backward_block_chunks(n)
     try:
         yield
     finally:
-        _C.set_hedgehog_backward_state_bytes(32 << 20)
+        _C.set_hedgehog_backward_block_chunks(0)
 
 
 # ----------------------------------------------------------------------------- hedgehog_attention
@@ -212,14 +212,17 @@ def test_hedgehog_backward_isa(isa, case):
             _hedgehog_case(p, return_state="window" not in case, state="window" not in case, **case)
 
 
-@pytest.mark.parametrize("state_bytes", [1, 3 * 4 * (16 * 48 + 48)], ids=["one_chunk", "three_chunks"])
-def test_hedgehog_backward_checkpointed_states(state_bytes):
-    """Sequences longer than the state budget: blocks of chunks recomputed from checkpoints
-    (1 chunk per block; 3 chunks per block with a shorter last block), segments of several lengths."""
+@pytest.mark.parametrize("window", [0, 5], ids=["linear", "window"])
+@pytest.mark.parametrize("chunks", [1, 3], ids=["one_chunk", "three_chunks"])
+def test_hedgehog_backward_checkpointed_states(chunks, window):
+    """Sequences longer than a block of kept chunk states: blocks recomputed from checkpoints (1 chunk
+    per block; 3 chunks per block with a shorter last block), segments of several lengths; with
+    states, or the window hybrid (whose linear part walks the same blocks)."""
     lengths = [260, 1, 130]
-    p = make_problem(1, 2, 1, sum(lengths), 16, 24, 16, seed=10, state=True, lengths=lengths)
-    with _state_bytes(state_bytes):
-        _hedgehog_case(p, return_state=True)
+    p = make_problem(1, 2, 1, sum(lengths), 16, 24, 16, seed=10, state=window == 0, lengths=lengths,
+                     window_weights=window > 0)
+    with _block_chunks(chunks):
+        _hedgehog_case(p, return_state=window == 0, state=window == 0, window=window)
 
 
 # ----------------------------------------------------------------------------- linear_attention

@@ -59,7 +59,22 @@ def hybrid_problem(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_hybrid_gradients(case, dtype, backend):
-    p, window = hybrid_problem(case, dtype)
+    _check_gradients(*hybrid_problem(case, dtype), dtype, backend)
+
+
+@pytest.mark.parametrize("backend", backends("hedgehog_attention", only=("cpu", "triton")))
+def test_hybrid_gradients_strided(backend):
+    """q, k, v as [B, H, T, D] views of [B, T, H, D] memory (token stride H * D, head stride D), as a
+    model's projections hand them over: the shifted query views of the linear part walk those strides."""
+    p, window = hybrid_problem(CASES[0], torch.float32)
+    for n in ("q", "k", "v"):
+        p[n] = p[n].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not p[n].is_contiguous()
+    _check_gradients(p, window, torch.float32, backend)
+
+
+def _check_gradients(p, window, dtype, backend):
+    """Every gradient of hedgehog_attention(window) on `backend` against autograd of the float64 spec."""
     device = device_for(backend)
     cu = p.get("cu_seqlens")
     leaves64 = {n: x.requires_grad_() for n, x in to64({n: p[n] for n in TENSORS}).items()}
