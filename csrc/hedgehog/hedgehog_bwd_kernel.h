@@ -12,8 +12,8 @@
 //     dQ_t = r_t (g_t S_t^T) + k_t z_t,   dS_s = sum_{t >= s} Q_t^T r_t g_t (+ grad_S)
 //     dK_s = dS_s v_s + dz_s,  dv_s = K_s dS_s,  dz_s = sum_{t >= s} k_t Q_t (+ grad_z)
 // Causal, chunked (64 tokens): a forward pre-pass recomputes K per chunk and keeps the state entering
-// each chunk (S^T, z) and the chunk's K ("slots"); the reverse pass then does everything else chunk by chunk, last
-// first, with the running dS, dz of the later chunks. Per chunk, R = G S^T serves gnum and dQ; the
+// each chunk (S^T, z) and the chunk's K ("slots"); the reverse pass then does everything else chunk
+// by chunk, last first, with the running dS, dz of the later chunks. Per chunk, R = G S^T serves gnum and dQ; the
 // causal parts inside the chunk are masked [C, C] matrices M = Q K^T and P0 = G V^T:
 //     den_t += sum_s M_ts, gnum_t += sum_s M_ts P0_ts, dQ += P K, dK += P^T Q, dv += M^T (r g)
 // with P_ts = r_t P0_ts + k_t (s <= t). Non-causal: one state for the whole sequence, then a query
@@ -157,6 +157,7 @@ struct Task {
   }
 
   float* buf(int64_t off) const { return sp + off; }
+  int64_t chunk_rows(int64_t c) const { return nlin - c * C < C ? nlin - c * C : C; }  // linear rows of chunk c
   const T* in_row(const Rows& r, int64_t h, int64_t tok) const {
     return static_cast<const T*>(r.p) + b * r.sb + h * r.sh + tok * r.st;
   }
@@ -387,8 +388,8 @@ struct Task {
 
   // Ask for the input rows chunk [i0, i0 + nr) will read (k, v; q and grad_out of the query heads
   // when `queries`) while the current chunk computes: each chunk's rows start a new run of pages
-  // that the hardware prefetchers would only pick up after a few misses (measured: the row loads
-  // took ~10% of the backward without this).
+  // that the hardware prefetchers would only pick up after a few misses. (The row loads took ~10%
+  // of the backward in a profile; what this gains was within this VM's run-to-run noise.)
   void prefetch_chunk(int64_t i0, int64_t nr, bool queries) const {
     if (i0 < 0 || nr <= 0) return;
     auto rows = [&](const Rows& r, int64_t h, int64_t tok, int64_t width) {
@@ -539,14 +540,13 @@ struct Task {
     const int64_t ns = l.nslots, nblocks = (nchunks + ns - 1) / ns, sz = Dv * F2p;
     float* st = buf(l.st);
     float* z = buf(l.z);
-    auto rows = [&](int64_t c) { return nlin - c * C < C ? nlin - c * C : C; };
     auto save = [&](float* to) { std::copy_n(st, sz, to), std::copy_n(z, F2p, to + sz); };
     auto fill = [&](int64_t c0, int64_t c1) {  // states entering chunks [c0, c1) and their K into the slots
       for (int64_t c = c0; c < c1; ++c) {
         float* slot = buf(l.slots) + (c - c0) * l.slot;
-        prefetch_chunk((c + 1) * C, c + 1 < c1 ? rows(c + 1) : 0, false);
+        prefetch_chunk((c + 1) * C, c + 1 < c1 ? chunk_rows(c + 1) : 0, false);
         save(slot);
-        const float* kf = load_keys(c * C, rows(c), false, nullptr, slot + l.state);
+        const float* kf = load_keys(c * C, chunk_rows(c), false, nullptr, slot + l.state);
         if (c + 1 < c1) state_update(C, st, z, kf);  // no chunk of this block reads the state after it
       }
     };
@@ -569,7 +569,7 @@ struct Task {
           prefetch_chunk((c - 1) * C, C, true);
           for (int64_t o = 0; o < l.slot; o += 16) __builtin_prefetch(sl - l.slot + o, 0, 2);
         }
-        reverse_chunk(c * C, rows(c), sl, sl + sz, sl + l.state);
+        reverse_chunk(c * C, chunk_rows(c), sl, sl + sz, sl + l.state);
       }
     }
   }
@@ -579,18 +579,18 @@ struct Task {
     float* st = buf(l.st);
     float* z = buf(l.z);
     for (int64_t c = 0; c < nchunks; ++c) {
-      const int64_t nr = nlin - c * C < C ? nlin - c * C : C;
+      const int64_t nr = chunk_rows(c);
       state_update(nr, st, z, load_keys(c * C, nr, false));
     }
     for (int64_t c = 0; c < nchunks; ++c) {
-      const int64_t nr = nlin - c * C < C ? nlin - c * C : C;
+      const int64_t nr = chunk_rows(c);
       for (int64_t g = 0; g < G; ++g) {
         query_rows(j * G + g, c * C, nr, st, z, nullptr);  // non-causal: no intra-chunk product
         accumulate_ds(nr);
       }
     }
     for (int64_t c = 0; c < nchunks; ++c) {
-      const int64_t nr = nlin - c * C < C ? nlin - c * C : C;
+      const int64_t nr = chunk_rows(c);
       const float* kf = load_keys(c * C, nr, false);
       keys_through_state(nr, kf);
       key_rows_out(c * C, nr, kf);
