@@ -49,6 +49,13 @@ at::Tensor sparse_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k
                                         c10::optional<double> scale);
 }  // namespace sparse
 
+namespace lnfree {
+// y = x @ weight^T + bias, then GPT-2's tanh GELU / + residual (csrc/lnfree/linear_cpu.cpp).
+at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+at::Tensor linear_bias_residual_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual);
+}  // namespace lnfree
+
 namespace hedgehog {
 // Forward (csrc/hedgehog/hedgehog_cpu.cpp). States float32: S [N, Hkv, 2F, Dv], z [N, Hkv, 2F]
 // (N = B, or the number of segments of cu_seqlens); with window > 0 the returned S, z are [0].

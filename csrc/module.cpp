@@ -45,6 +45,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("hedgehog_decode_cpu", &pyfast::hedgehog::hedgehog_decode_cpu);
   m.def("hedgehog_attention_backward_cpu", &pyfast::hedgehog::hedgehog_attention_backward_cpu);
   m.def("linear_attention_backward_cpu", &pyfast::hedgehog::linear_attention_backward_cpu);
+  m.def("linear_bias_gelu_cpu", &pyfast::lnfree::linear_bias_gelu_cpu);
+  m.def("linear_bias_residual_cpu", &pyfast::lnfree::linear_bias_residual_cpu);
 #ifdef PYFAST_WITH_CUDA
 #define PYFAST_BIND_CUDA(ns, name) m.def(#name, &pyfast::ns::name);
   PYFAST_CUDA_ENTRY_POINTS(PYFAST_BIND_CUDA)

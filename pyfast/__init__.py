@@ -24,6 +24,7 @@ from pyfast.hedgehog import (
     linear_attention,
 )
 from pyfast import hedgehog
+from pyfast import lnfree
 from pyfast.sparse import append_kv, decode_attention, sparse_decode_attention
 from pyfast import sparse
 from pyfast.sparse import SparseKVCache

@@ -128,6 +128,14 @@ def _args_hedgehog_decode():
                 k_weight=p["k_weight"], q_bias=p["q_bias"], k_bias=p["k_bias"], S=s, z=z, eps=1e-6)
 
 
+def _args_linear_bias_gelu():
+    return dict(x=torch.randn(2, 3, 40), weight=torch.randn(24, 40), bias=torch.randn(24))
+
+
+def _args_linear_bias_residual():
+    return _args_linear_bias_gelu() | dict(residual=torch.randn(2, 3, 24))
+
+
 def _raw(op):
     return lambda a, backend: _registry.REGISTRY[op].overload(*schema_order(op, a), backend=backend)
 
@@ -147,6 +155,10 @@ OPS = {  # op -> (valid call, the same call through pyfast.<op>(..., backend=bac
                                                   eps=a["eps"], backend=backend),
     ),
     "cherryq_matmul": (_args_cherryq, _public_cherryq),
+    "linear_bias_gelu": (_args_linear_bias_gelu,
+                         lambda a, backend: pyfast.lnfree.linear_bias_gelu(*a.values(), backend=backend)),
+    "linear_bias_residual": (_args_linear_bias_residual,
+                             lambda a, backend: pyfast.lnfree.linear_bias_residual(*a.values(), backend=backend)),
     "decode_attention": (
         _args_decode,
         lambda a, backend: pyfast.decode_attention(*list(a.values())[:4], scale=a["scale"], backend=backend),

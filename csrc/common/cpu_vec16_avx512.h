@@ -17,6 +17,7 @@ struct Vec16 {
   static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
   static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
   static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
   static inline float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
@@ -76,6 +77,19 @@ struct Vec16 {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  }
+
+  // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite, |r| <= ln2 / 2),
+  // e^r by its degree-7 Taylor series (exp_taylor7, truncation < 1e-8 relative). x is clamped to
+  // [-104, 88.7] so -inf gives 0 and scalef never sees an infinite exponent; NaN passes through
+  // max/min/scalef.
+  static inline V exp(V x) {
+    x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 = 0.693359375 - 2.12194440e-4
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    return _mm512_scalef_ps(exp_taylor7(r), n);
   }
 
   // r[i][c] -> r[c][i]. Per 128-bit lane: 32-bit interleave of row pairs, 64-bit interleave of

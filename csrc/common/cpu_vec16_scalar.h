@@ -23,6 +23,7 @@ struct Vec16 {
   static inline V add(const V& a, const V& b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
   static inline V sub(const V& a, const V& b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
   static inline V mul(const V& a, const V& b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
+  static inline V div(const V& a, const V& b) { return map([&](int i) { return a.v[i] / b.v[i]; }); }
   static inline V fma(const V& a, const V& b, const V& c) { return map([&](int i) { return a.v[i] * b.v[i] + c.v[i]; }); }
   static inline float reduce_add(const V& a) { float s = 0.f; for (int i = 0; i < 16; ++i) s += a.v[i]; return s; }
   static inline float reduce_max(const V& a) {  // NaN wins, so a NaN score is never dropped
@@ -30,6 +31,7 @@ struct Vec16 {
     for (int i = 1; i < 16; ++i) s = (a.v[i] > s || std::isnan(a.v[i])) ? a.v[i] : s;
     return s;
   }
+  static inline V exp(const V& a) { return map([&](int i) { return std::exp(a.v[i]); }); }
   static inline V loadf(const float* p) { return map([p](int i) { return p[i]; }); }
   static inline void storef(float* p, const V& a) { for (int i = 0; i < 16; ++i) p[i] = a.v[i]; }
   static inline float half(uint16_t h) { return half_bits_to_float(h); }

@@ -33,19 +33,6 @@ namespace {
 struct Isa : Vec16 {
   static inline V maxv(V a, V b) { return _mm512_max_ps(a, b); }
   static inline V fill_tail(V a, int64_t n, float x) { return _mm512_mask_blend_ps(first(n), _mm512_set1_ps(x), a); }
-
-  // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite, |r| <= ln2 / 2),
-  // e^r by its degree-7 Taylor series (exp_taylor7, truncation < 1e-8 relative). x is clamped to
-  // [-104, 88.7] so -inf gives 0 and scalef never sees an infinite exponent; NaN passes through
-  // max/min/scalef.
-  static inline V exp(V x) {
-    x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
-    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 = 0.693359375 - 2.12194440e-4
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    return _mm512_scalef_ps(exp_taylor7(r), n);
-  }
 };
 
 #include "hedgehog/hedgehog_bwd_kernel.h"

@@ -15,7 +15,6 @@ namespace {
 
 struct Isa : Vec16 {
   static inline V maxv(const V& a, const V& b) { return map([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; }); }
-  static inline V exp(const V& x) { return map([&](int i) { return std::exp(x.v[i]); }); }
   static inline V fill_tail(const V& a, int64_t n, float x) { return map([&](int i) { return i < n ? a.v[i] : x; }); }
 };
 
