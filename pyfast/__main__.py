@@ -1,4 +1,4 @@
-"""python -m pyfast {info,bench}."""
+"""python -m pyfast {info,bench,generate}."""
 
 from __future__ import annotations
 
@@ -15,12 +15,20 @@ def main(argv=None) -> int:
     from pyfast.bench.runner import add_arguments
 
     add_arguments(b)
+    g = sub.add_parser("generate", help="LN-free GPT-2 generation, timed next to transformers' generate")
+    from pyfast.lnfree.cli import add_arguments as add_generate_arguments
+
+    add_generate_arguments(g)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         import pyfast
 
         print(json.dumps(pyfast.build_info(), indent=2))
         return 0
+    if args.cmd == "generate":
+        from pyfast.lnfree.cli import run as generate
+
+        return generate(args)
     from pyfast.bench.runner import run
 
     return run(args)

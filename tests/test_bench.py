@@ -169,3 +169,19 @@ def test_hedgehog_cases_cover_every_backend_and_the_baselines():
     assert {("decode step", "pyfast cpu hedgehog_decode"), ("decode step", "pyfast cpu decode_attention")} <= impls
     assert all(c.flops > 0 for c in cases if c.op.startswith("hedgehog_attention"))
     assert sum(c.baseline for c in cases) == 3  # one per (op, shape)
+
+
+def test_lnfree_quick_run_reports_generation_against_transformers(tmp_path, capsys):
+    """The LN-free family: the linear-op cases with their PyTorch baselines and the generation
+    cases against transformers' generate, with tokens/s target lines that say whether the greedy
+    tokens were identical."""
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "--device", "cpu", "--quick", "--ops", "lnfree", "--repeats", "1",
+                 "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    impls = {(r["op"], r["impl"]) for r in report["rows"]}
+    assert {("linear_bias_gelu", "F.gelu(F.linear)"), ("linear_bias_gelu", "pyfast cpu"),
+            ("linear_bias_residual", "pyfast cpu"), ("generate", "transformers generate (FakeLN)"),
+            ("generate", "pyfast LNFreeGPT2"), ("generate", "pyfast LNFreeGPT2 CherryQ 3b")} <= impls
+    lines = [t for t in report["targets"] if "LNFreeGPT2 small" in t]
+    assert len(lines) == 2 and all("greedy tokens identical: True" in t for t in lines)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("copy", "cherryq", "sparse", "hedgehog", "overhead")
+FAMILIES = ("copy", "cherryq", "sparse", "hedgehog", "lnfree", "overhead")
 
 
 @dataclasses.dataclass

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 
 from pyfast.lnfree.model import BLOCK_SIZE, LNFreeGPT2, _check_sampling, _fail, sample_next
-from pyfast.sparse import append_kv, decode_attention
+from pyfast.sparse import append_kv, decode_attention, sparse_decode_attention
+
+SPARSE_KEYS = {"topk", "sink_blocks", "local_blocks"}  # block_size is the cache's (BLOCK_SIZE)
 
 
 class Generator:
     def __init__(self, model: LNFreeGPT2, input_ids, max_new_tokens, *, attention_mask, do_sample, temperature,
-                 top_k, top_p, seed, eos_token_id, pad_token_id):
+                 top_k, top_p, seed, eos_token_id, pad_token_id, sparse=None):
         model.check_input_ids("generate", input_ids, attention_mask)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             _fail("generate", "max_new_tokens", "an int >= 0", repr(max_new_tokens))
@@ -36,6 +38,9 @@ class Generator:
         if do_sample:
             self.generator = torch.Generator(device=input_ids.device)
             self.generator.manual_seed(seed if seed is not None else torch.seed())
+        if sparse is not None and (not isinstance(sparse, dict) or not set(sparse) <= SPARSE_KEYS):
+            _fail("generate", "sparse", f"None or a dict with keys among {sorted(SPARSE_KEYS)}", repr(sparse))
+        self.sparse = sparse
         self.eos = eos_token_id if eos_token_id is not None else cfg.get("eos_token_id")
         self.pad = pad_token_id if pad_token_id is not None else self.eos
 
@@ -74,9 +79,13 @@ class Generator:
         for blk, (kc, vc, bk, n) in zip(m.blocks, caches):
             q, k, v = blk.split_heads(m.linear(x, blk.attn_weight, blk.attn_bias))  # [B, H, hd]
             append_kv(kc, vc, bk, n, k[:, :, None], v[:, :, None], block_size=BLOCK_SIZE)
-            z = decode_attention(q.contiguous(), kc, vc, n, scale=blk.scale)
+            if self.sparse is None:
+                z = decode_attention(q.contiguous(), kc, vc, n, scale=blk.scale)
+            else:
+                z = sparse_decode_attention(q.contiguous(), kc, vc, n, bk, block_size=BLOCK_SIZE, scale=blk.scale,
+                                            **self.sparse)
             x = m.linear(z.flatten(1), blk.attn_proj_weight, blk.attn_proj_bias, x)
-            x = blk.mlp(x, m.backend)
+            x = blk.mlp(x, m)
         return m.unembed(x)
 
     def run(self, progress=None) -> torch.Tensor:

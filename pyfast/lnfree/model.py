@@ -51,10 +51,10 @@ class LNFreeBlock(nn.Module):
         hd = qkv.shape[-1] // (3 * self.heads)
         return tuple(t.unflatten(-1, (self.heads, hd)) for t in qkv.chunk(3, -1))
 
-    def mlp(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, model: "LNFreeGPT2") -> torch.Tensor:
         """x + MLP(x)."""
-        h = linear_bias_gelu(x, self.fc_weight, self.fc_bias, backend=backend)
-        return linear_bias_residual(h, self.proj_weight, self.proj_bias, x, backend=backend)
+        return model.linear(model.linear(x, self.fc_weight, self.fc_bias, gelu=True), self.proj_weight,
+                            self.proj_bias, x)
 
 
 class LNFreeGPT2(nn.Module):
@@ -69,6 +69,7 @@ class LNFreeGPT2(nn.Module):
     def __init__(self, config: dict, *, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.backend: str | None = None
+        self.quantized: dict = {}  # id(weight parameter) -> CherryQWeight (quantize_)
         self.config = dict(config)
         c = self.config
         kw = dict(dtype=dtype, device=device)
@@ -136,10 +137,10 @@ class LNFreeGPT2(nn.Module):
             x = self.linear(z.flatten(2), blk.attn_proj_weight, blk.attn_proj_bias, x)
             if parts is not None:
                 before = x
-                x = blk.mlp(x, self.backend)
+                x = blk.mlp(x, self)
                 parts.append((f"blocks.{i}.mlp", x - before))
             else:
-                x = blk.mlp(x, self.backend)
+                x = blk.mlp(x, self)
         return x, kvs
 
     def check_input_ids(self, fn: str, input_ids, attention_mask=None) -> None:
@@ -171,8 +172,38 @@ class LNFreeGPT2(nn.Module):
         x, _ = self._run(input_ids, attention_mask)
         return self.unembed(x)
 
-    def linear(self, x, weight, bias, residual=None):
-        return linear_bias_residual(x, weight, bias, residual, backend=self.backend)
+    def linear(self, x, weight, bias, residual=None, *, gelu=False):
+        """x @ weight^T + bias, then GELU (gelu) or + residual: the fused ops, or with CherryQ weights
+        (quantize_) cherryq_matmul with the epilogue in PyTorch."""
+        q = self.quantized.get(id(weight))
+        if q is None:
+            if gelu:
+                return linear_bias_gelu(x, weight, bias, backend=self.backend)
+            return linear_bias_residual(x, weight, bias, residual, backend=self.backend)
+        from pyfast.cherryq import cherryq_matmul
+
+        y = cherryq_matmul(x, q, bias)
+        if gelu:
+            return F.gelu(y, approximate="tanh")
+        return y if residual is None else y + residual
+
+    @torch.no_grad()
+    def quantize_(self, *, bits: int = 3, group_size: int = 128, include_unembed: bool = True) -> "LNFreeGPT2":
+        """Quantize every block's linear weights (and the unembedding, unless include_unembed is
+        False) with CherryQ (pyfast.cherryq_quantize: `bits`-bit groups of group_size plus fp16
+        cherries per row); the linear layers then run cherryq_matmul. The float weights stay (for
+        direct_logit_attribution and save_pretrained); calling it again re-quantizes."""
+        from pyfast.cherryq import cherryq_quantize
+
+        weights = [w for blk in self.blocks for w in (blk.attn_weight, blk.attn_proj_weight, blk.fc_weight,
+                                                       blk.proj_weight)]
+        if include_unembed:
+            weights.append(self.unembed_weight)
+        for w in weights:
+            if w.shape[1] % group_size:
+                _fail("quantize_", "group_size", f"dividing every in_features (here {w.shape[1]})", group_size)
+        self.quantized = {id(w): cherryq_quantize(w.float(), bits=bits, group_size=group_size) for w in weights}
+        return self
 
     def unembed(self, x):
         return self.linear(x, self.unembed_weight, self.unembed_bias)
@@ -207,7 +238,7 @@ class LNFreeGPT2(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 progress=None) -> torch.Tensor:
+                 quantize: dict | None = None, sparse: dict | None = None, progress=None) -> torch.Tensor:
         """Decode up to max_new_tokens after the prompts input_ids [B, T] (left-padded when
         attention_mask [B, T] is given) -> [B, T + n] (input_ids, then the new tokens; a row that
         produced eos_token_id is filled with pad_token_id after it, as transformers does; n <
@@ -216,7 +247,11 @@ class LNFreeGPT2(nn.Module):
         Greedy by default; do_sample=True samples with temperature, then top_k (0: off), then top_p
         (1: off), from a generator seeded with `seed`. The prompt runs as one batch (prefill), then
         each step is one token per row through a KV cache allocated once for T + max_new_tokens
-        (append_kv, decode_attention). progress: called as progress(step, n) after each token.
+        (append_kv, decode_attention). quantize: CherryQ weights first (the keyword arguments of
+        quantize_, e.g. dict(bits=3); kept for later calls). sparse: Kinetics block top-k decoding
+        instead of dense (the keyword arguments of pyfast.sparse_decode_attention but block_size,
+        which is the cache's, 16: topk, sink_blocks, local_blocks). progress: called as
+        progress(step, n) after each token.
 
         Example:
             >>> out = lnfree.generate(ids, 32)                        # greedy, [1, T + 32]
@@ -224,9 +259,13 @@ class LNFreeGPT2(nn.Module):
         """
         from pyfast.lnfree.generate import Generator
 
+        if quantize is not None:
+            if not isinstance(quantize, dict):
+                _fail("generate", "quantize", "None or a dict of quantize_ arguments", repr(quantize), TypeError)
+            self.quantize_(**quantize)
         return Generator(self, input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-                         pad_token_id=pad_token_id).run(progress)
+                         pad_token_id=pad_token_id, sparse=sparse).run(progress)
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -231,3 +231,20 @@ def test_bad_input():
         lnfree.fake_layernorm(tiny_gpt2(), {"transformer.h.0.attn": 1.0})
     with pytest.raises(ValueError, match="switch_steps"):
         lnfree.LNRemovalSchedule(tiny_gpt2(), [ids], switch_steps=(3, 1, 5))
+
+
+def test_generate_with_cherryq_and_sparse():
+    """quantize= runs the linear layers on CherryQ weights (the float logits change a little);
+    sparse= with a top-k covering every block equals dense decoding."""
+    folded = lnfree.fold(fake_gpt2(d=128, heads=4))
+    ids = prompts(2, 40)
+    dense = folded.generate(ids, 10, eos_token_id=None)
+    assert torch.equal(folded.generate(ids, 10, eos_token_id=None, sparse=dict(topk=64, local_blocks=1)), dense)
+    q = lnfree.fold(fake_gpt2(d=128, heads=4))
+    out = q.generate(ids, 10, eos_token_id=None, quantize=dict(bits=4, group_size=64))
+    assert out.shape == dense.shape and len(q.quantized) == 2 * 4 + 1
+    x = torch.randn(3, 128)
+    quantized, exact = q.unembed(x), torch.nn.functional.linear(x, q.unembed_weight, q.unembed_bias)
+    assert 0 < ((quantized - exact).norm() / exact.norm()).item() < 0.1  # 4-bit weights: close, not equal
+    with pytest.raises(ValueError, match="sparse"):
+        folded.generate(ids, 2, sparse=dict(block_size=32))
