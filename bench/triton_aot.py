@@ -150,6 +150,37 @@ def bench_calls() -> list[Call]:
                            [q, k, k, n, bk, bs.BLOCK, bs.TOPK, bs.SINK, bs.LOCAL, None], {},
                            f"bench: sparse_decode_attention {shape}", True))
     calls += hedgehog_bench_calls()
+    calls += lnfree_bench_calls()
+    return calls
+
+
+def lnfree_bench_calls() -> list[Call]:
+    """The Triton launcher calls of the LN-free GPU benchmark (pyfast/bench/lnfree.py, bf16): its
+    linear-op cases, and every linear layer of GPT-2 small's generate (prefill of 128 tokens at
+    batch 1 and 8, decode steps of 1 and 8 rows), with bias, GELU or residual as the model calls it."""
+    import torch
+
+    from pyfast.bench import lnfree as bl
+    from pyfast.kernels import lnfree as kl
+
+    dt = torch.bfloat16
+
+    def meta(*shape):
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    d, inner, vocab = 768, 3072, 50257
+    layers = [(3 * d, d, False, False), (d, d, False, True), (inner, d, True, False), (d, inner, False, True),
+              (vocab, d, False, False)]  # (N, K, gelu, residual): qkv, attn out, MLP in, MLP out, unembed
+    wanted = {(m, n, k, g, r) for m in (1, 8, bl.PROMPT, 8 * bl.PROMPT) for n, k, g, r in layers}
+    for quick in (False, True):
+        dq, iq = (256, 1024) if quick else (d, inner)
+        for m in ((1, 16) if quick else (1, 8, 128)):
+            wanted |= {(m, iq, dq, True, False), (m, dq, iq, False, True)}
+    calls = []
+    for m, n, k, gelu, res in sorted(wanted):
+        calls.append(_call(kl.plan_linear_epilogue, [meta(m, k), meta(n, k), meta(n), meta(m, n) if res else None,
+                                                     gelu], {},
+                           f"bench: linear_bias_{'gelu' if gelu else 'residual'} M={m} N={n} K={k}", True))
     return calls
 
 

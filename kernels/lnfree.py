@@ -24,7 +24,7 @@ import triton.language as tl
 
 from pyfast.kernels._utils import Launch, Target, run_plan
 
-GELU_C2 = 2.0 * 0.7978845608028654 * 1.4426950408889634  # 2 sqrt(2/pi) log2(e): e^{2u} as exp2
+GELU_C2 = tl.constexpr(2.0 * 0.7978845608028654 * 1.4426950408889634)  # 2 sqrt(2/pi) log2(e): e^{2u} as exp2
 NUM_STAGES = 3  # software-pipelining depth of the K loop (GPU only)
 
 
@@ -56,7 +56,7 @@ def _linear_epilogue_kernel(
         b_acc += tl.load(bias + o_n, mask=m_n, other=0).to(tl.float32)[None, :]
     if GELU:
         b_u = b_acc + 0.044715 * b_acc * b_acc * b_acc
-        b_t = 1.0 - 2.0 / (1.0 + tl.exp2(GELU_C2 * b_u))
+        b_t = 1.0 - 2.0 / (1.0 + tl.exp2(b_u * GELU_C2))
         b_acc = 0.5 * b_acc * (1.0 + b_t)
     m_y = m_m[:, None] & m_n[None, :]
     if HAS_RESIDUAL:

@@ -40,11 +40,10 @@ class LNFreeBlock(nn.Module):
     def __init__(self, d: int, inner: int, heads: int, scale: float, **kw):
         super().__init__()
         self.heads, self.scale = heads, scale
-        p = lambda *shape: nn.Parameter(torch.empty(*shape, **kw), requires_grad=False)  # noqa: E731
-        self.attn_weight, self.attn_bias = p(3 * d, d), p(3 * d)
-        self.attn_proj_weight, self.attn_proj_bias = p(d, d), p(d)
-        self.fc_weight, self.fc_bias = p(inner, d), p(inner)
-        self.proj_weight, self.proj_bias = p(d, inner), p(d)
+        for name, shape in (("attn_weight", (3 * d, d)), ("attn_bias", (3 * d,)), ("attn_proj_weight", (d, d)),
+                            ("attn_proj_bias", (d,)), ("fc_weight", (inner, d)), ("fc_bias", (inner,)),
+                            ("proj_weight", (d, inner)), ("proj_bias", (d,))):
+            self.register_buffer(name, torch.empty(*shape, **kw))
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[..., 3d] -> q, k, v [..., H, hd]."""
@@ -74,17 +73,19 @@ class LNFreeGPT2(nn.Module):
         c = self.config
         kw = dict(dtype=dtype, device=device)
         d = c["n_embd"]
-        self.wte = nn.Parameter(torch.empty(c["vocab_size"], d, **kw), requires_grad=False)
-        self.wpe = nn.Parameter(torch.empty(c["n_positions"], d, **kw), requires_grad=False)
+        # Inference weights: plain tensors (buffers, in the state dict), not Parameters, so every op
+        # call takes the registry's eager fast path.
+        self.register_buffer("wte", torch.empty(c["vocab_size"], d, **kw))
+        self.register_buffer("wpe", torch.empty(c["n_positions"], d, **kw))
         self.blocks = nn.ModuleList(LNFreeBlock(d, c["n_inner"], c["n_head"], s, **kw) for s in c["attn_scales"])
-        self.unembed_weight = nn.Parameter(torch.empty(c["vocab_size"], d, **kw), requires_grad=False)
-        self.unembed_bias = nn.Parameter(torch.empty(c["vocab_size"], **kw), requires_grad=False)
+        self.register_buffer("unembed_weight", torch.empty(c["vocab_size"], d, **kw))
+        self.register_buffer("unembed_bias", torch.empty(c["vocab_size"], **kw))
 
     @torch.no_grad()
     def load_folded(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a full state dict (any float dtype; cast here) into the parameters: every key, every
         shape must match (ValueError naming the first that does not, nothing copied before)."""
-        own = dict(self.named_parameters())
+        own = dict(self.named_buffers())
         missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         if missing or extra:
             _fail("load", "the LNFreeGPT2 tensors", f"exactly {len(own)} named as state_dict()",
