@@ -8,6 +8,11 @@ A FakeLN is linear in x, so a model whose every LN is a FakeLN folds into plain 
 (pyfast.lnfree.fold). The paper fine-tunes with the LNs switched to FakeLN one group at a time (the
 MLP inputs ln_2 first, then the attention inputs ln_1, then the final ln_f), re-estimating sigma at
 each switch: `LNRemovalSchedule` does that from a plain PyTorch training loop.
+
+RMSNorm models (the Llama family: x / sqrt(mean(x^2) + eps) * gamma) get the same treatment
+without the centering: FakeRMSNorm(x) = x / sigma * gamma. estimate_ln_scales, fake_layernorm and
+LNRemovalSchedule take both kinds (an RMSNorm is any module whose class name ends in "RMSNorm"
+with a `weight` and an eps, as transformers' LlamaRMSNorm); LLAMA_GROUPS is their removal order.
 """
 
 from __future__ import annotations
@@ -18,40 +23,101 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-# The paper's removal order: the groups of a GPT-2 (by the LN's attribute name), first to last.
+# The paper's removal order: the groups of a GPT-2 (by the LN's attribute name), first to last,
+# and the same order for the Llama family's RMSNorms (MLP inputs, attention inputs, final norm).
 GPT2_GROUPS = ("ln_2", "ln_1", "ln_f")
+LLAMA_GROUPS = ("post_attention_layernorm", "input_layernorm", "norm")
 
 
 def _fail(fn: str, arg: str, expected: str, got) -> None:
     raise ValueError(f"pyfast.lnfree.{fn}: expected {arg} {expected}, got {got}")
 
 
-class FakeLayerNorm(nn.Module):
-    """(x - mean(x)) / sigma * weight + bias over the last dim, sigma a fixed positive scalar.
+def _check_sigma(fn: str, arg: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        _fail(fn, arg, "a finite positive float", repr(value))
+    return float(value)
+
+
+class _FixedScale(nn.Module):
+    """The fixed divisor of a fake norm: sigma, and optionally sigma0 for a sequence's first
+    position (where models keep their "attention sink", a residual many times larger than the
+    others: SmolLM2's first token has ~8x the mean RMS). sigma0 applies to row 0 of an input of
+    T >= 2 rows ([..., T, d]: a full or prefill sequence starting at position 0, no left padding);
+    single-row inputs (decode steps) use sigma. Both float64 buffers."""
+
+    def __init__(self, fn: str, sigma, sigma0=None):
+        super().__init__()
+        self.register_buffer("sigma", torch.tensor(_check_sigma(fn, "sigma", sigma), dtype=torch.float64))
+        self.register_buffer("sigma0", None if sigma0 is None else
+                             torch.tensor(_check_sigma(fn, "sigma0", sigma0), dtype=torch.float64))
+
+    def divide(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sigma0 is None or x.dim() < 2 or x.shape[-2] < 2:
+            return x / self.sigma.to(x.dtype)
+        s = self.sigma.to(x.dtype).expand(x.shape[-2]).clone()
+        s[0] = self.sigma0.to(x.dtype)
+        return x / s[:, None]
+
+    def extra_repr(self) -> str:
+        first = "" if self.sigma0 is None else f", sigma0={float(self.sigma0):.6g}"
+        return f"{self.weight.shape[0]}, sigma={float(self.sigma):.6g}{first}"
+
+
+class FakeLayerNorm(_FixedScale):
+    """(x - mean(x)) / sigma * weight + bias over the last dim, sigma a fixed positive scalar
+    (sigma0, if given, for the first position of multi-token inputs; see _FixedScale).
 
     weight, bias: [d] (the replaced LayerNorm's own Parameters, so an optimizer that holds them
     keeps training them); sigma: a float, kept as a float64 buffer. Computes in x's dtype."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, sigma: float):
-        super().__init__()
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            _fail("FakeLayerNorm", "sigma", "a finite positive float", repr(sigma))
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, sigma: float, sigma0: float | None = None):
+        super().__init__("FakeLayerNorm", sigma, sigma0)
         self.weight = weight
         self.bias = bias
-        self.register_buffer("sigma", torch.tensor(float(sigma), dtype=torch.float64))
         self.normalized_shape = (weight.shape[0],)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x - x.mean(-1, keepdim=True)) / self.sigma.to(x.dtype) * self.weight
+        y = self.divide(x - x.mean(-1, keepdim=True)) * self.weight
         return y + self.bias if self.bias is not None else y
 
-    def extra_repr(self) -> str:
-        return f"{self.normalized_shape[0]}, sigma={float(self.sigma):.6g}"
+
+class FakeRMSNorm(_FixedScale):
+    """x / sigma * weight over the last dim, sigma a fixed positive scalar (a float64 buffer;
+    sigma0 as for FakeLayerNorm); weight: the replaced RMSNorm's own Parameter. Computes in fp32,
+    returns x's dtype (as transformers' RMSNorm does)."""
+
+    def __init__(self, weight: nn.Parameter, sigma: float, sigma0: float | None = None):
+        super().__init__("FakeRMSNorm", sigma, sigma0)
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * self.divide(x.float()).to(x.dtype)
 
 
-def layernorms(model: nn.Module, kinds=(nn.LayerNorm,)) -> dict[str, nn.Module]:
-    """{qualified name: module} of every module of `kinds` in model, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+def is_rmsnorm(m: nn.Module) -> bool:
+    return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and _eps(m) is not None)
+
+
+def _eps(m: nn.Module) -> float | None:
+    for attr in ("variance_epsilon", "eps"):
+        v = getattr(m, attr, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A real normalization pyfast.lnfree can replace: nn.LayerNorm or an RMSNorm."""
+    return isinstance(m, nn.LayerNorm) or is_rmsnorm(m)
+
+
+def layernorms(model: nn.Module, kinds=None) -> dict[str, nn.Module]:
+    """{qualified name: module} of every real normalization (nn.LayerNorm, RMSNorm), or of every
+    module of `kinds`, in model order."""
+    test = is_norm if kinds is None else (lambda m: isinstance(m, kinds))
+    return {name: m for name, m in model.named_modules() if test(m)}
 
 
 def _forward(model: nn.Module, batch) -> torch.Tensor | None:
@@ -65,10 +131,15 @@ def _forward(model: nn.Module, batch) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def estimate_ln_scales(model: nn.Module, batches: Iterable, names: Iterable[str] | None = None) -> dict[str, float]:
+def estimate_ln_scales(model: nn.Module, batches: Iterable, names: Iterable[str] | None = None, *,
+                       separate_first: bool = False) -> dict:
     """{LN name: sigma}: at the input of each LayerNorm (or FakeLayerNorm) of `model`, the mean over
     tokens of the per-token standard deviation sqrt(var(x) + eps) (the divisor the LN itself applies;
-    eps 0 for a FakeLayerNorm), over the tokens of `batches` (masked-out tokens excluded).
+    eps 0 for a FakeLayerNorm), over the tokens of `batches` (masked-out tokens excluded). For an
+    RMSNorm (or FakeRMSNorm) the per-token root mean square sqrt(mean(x^2) + eps) instead.
+    separate_first: {name: (sigma, sigma0)}, sigma0 the mean over the first position of every
+    sequence and sigma over the others (for models whose first position carries an outsized
+    residual; batches then must not be left-padded).
 
     batches: an iterable of input-id tensors [B, T] or of dicts of model keyword arguments (with
     `attention_mask` to exclude padding). names: only these LNs (default: all). The model runs in
@@ -78,20 +149,28 @@ def estimate_ln_scales(model: nn.Module, batches: Iterable, names: Iterable[str]
         >>> scales = estimate_ln_scales(gpt2, [ids])          # {"transformer.h.0.ln_1": 2.7, ...}
         >>> fake_layernorm(gpt2, scales)
     """
-    found = layernorms(model, (nn.LayerNorm, FakeLayerNorm))
+    found = {n: m for n, m in model.named_modules() if is_norm(m) or isinstance(m, (FakeLayerNorm, FakeRMSNorm))}
     wanted = list(found) if names is None else list(names)
     for n in wanted:
         if n not in found:
             _fail("estimate_ln_scales", "names", f"LayerNorm modules of the model (e.g. {next(iter(found), None)!r})",
                   repr(n))
     sums = {n: [0.0, 0] for n in wanted}
+    first = {n: [0.0, 0] for n in wanted}  # position 0 (separate_first)
     current_mask: list[torch.Tensor | None] = [None]
 
-    def hook(name, eps):
+    def hook(name, eps, centered):
         def record(module, args):
             x = args[0].detach().double()
-            std = (x.var(-1, unbiased=False) + eps).sqrt()  # [..., T]
+            spread = x.var(-1, unbiased=False) if centered else x.pow(2).mean(-1)
+            std = (spread + eps).sqrt()  # [..., T]
+            if separate_first and std.dim() >= 1 and std.shape[-1] >= 2:
+                first[name][0] += float(std[..., 0].sum())
+                first[name][1] += std[..., 0].numel()
+                std = std[..., 1:]
             mask = current_mask[0]
+            if mask is not None and separate_first:
+                mask = mask[..., 1:]
             if mask is not None and mask.shape == std.shape:
                 keep = mask.to(torch.bool)
                 sums[name][0] += float(std[keep].sum())
@@ -101,9 +180,11 @@ def estimate_ln_scales(model: nn.Module, batches: Iterable, names: Iterable[str]
                 sums[name][1] += std.numel()
         return record
 
-    handles = [found[n].register_forward_pre_hook(hook(n, getattr(found[n], "eps", 0.0)
-                                                       if isinstance(found[n], nn.LayerNorm) else 0.0))
-               for n in wanted]
+    handles = []
+    for n in wanted:
+        m = found[n]
+        eps = (m.eps if isinstance(m, nn.LayerNorm) else _eps(m)) if is_norm(m) else 0.0
+        handles.append(m.register_forward_pre_hook(hook(n, eps, isinstance(m, (nn.LayerNorm, FakeLayerNorm)))))
     training = model.training
     model.eval()
     try:
@@ -119,9 +200,10 @@ def estimate_ln_scales(model: nn.Module, batches: Iterable, names: Iterable[str]
         model.train(training)
     out = {}
     for n, (total, count) in sums.items():
-        if count == 0:
-            _fail("estimate_ln_scales", "batches", f"tokens that reach {n}", "none")
-        out[n] = total / count
+        if count == 0 or (separate_first and first[n][1] == 0):
+            _fail("estimate_ln_scales", "batches", f"tokens that reach {n}" + (" (sequences of >= 2 tokens)"
+                  if separate_first else ""), "none")
+        out[n] = (total / count, first[n][0] / first[n][1]) if separate_first else total / count
     return out
 
 
@@ -131,24 +213,29 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def fake_layernorm(model: nn.Module, scales: Mapping[str, float]) -> nn.Module:
-    """Replace the LayerNorms named in `scales` (all of them when `scales` names every LN, as
-    estimate_ln_scales returns it) by FakeLayerNorm with that sigma, in place; returns model.
+    """Replace the normalizations named in `scales` (all of them when `scales` names every one, as
+    estimate_ln_scales returns it) in place, each LayerNorm by a FakeLayerNorm and each RMSNorm by
+    a FakeRMSNorm with that sigma (a (sigma, sigma0) pair: sigma0 for the first position, as
+    estimate_ln_scales(separate_first=True) returns them); returns model.
 
-    Each FakeLayerNorm takes over the LN's weight and bias Parameters (an optimizer built before
-    the switch keeps updating them). Every name must be a LayerNorm of the model and every sigma a
-    finite positive number: nothing is replaced otherwise."""
+    Each fake takes over the norm's weight (and bias) Parameters (an optimizer built before the
+    switch keeps updating them). Every name must be a LayerNorm or RMSNorm of the model and every
+    sigma a finite positive number: nothing is replaced otherwise."""
     found = layernorms(model)
     for n, s in scales.items():
         if n not in found:
-            _fail("fake_layernorm", "scales", "keys naming nn.LayerNorm modules of the model", repr(n))
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            _fail("fake_layernorm", f"scales[{n!r}]", "a finite positive float", repr(s))
-        if not found[n].elementwise_affine or len(found[n].normalized_shape) != 1:
-            _fail("fake_layernorm", f"{n}", "a LayerNorm over the last dim with weight and bias",
-                  repr(found[n]))
+            _fail("fake_layernorm", "scales", "keys naming nn.LayerNorm / RMSNorm modules of the model", repr(n))
+        for i, v in enumerate(s if isinstance(s, tuple) and len(s) == 2 else (s,)):
+            _check_sigma("fake_layernorm", f"scales[{n!r}]" + ("" if not isinstance(s, tuple) else f"[{i}]"), v)
+        m = found[n]
+        if isinstance(m, nn.LayerNorm) and (not m.elementwise_affine or len(m.normalized_shape) != 1):
+            _fail("fake_layernorm", f"{n}", "a LayerNorm over the last dim with weight and bias", repr(m))
     for n, s in scales.items():
-        ln = found[n]
-        _set_module(model, n, FakeLayerNorm(ln.weight, ln.bias, float(s)).to(ln.weight.device))
+        m = found[n]
+        sigma, sigma0 = s if isinstance(s, tuple) else (s, None)
+        fake = FakeLayerNorm(m.weight, m.bias, sigma, sigma0) if isinstance(m, nn.LayerNorm) else \
+            FakeRMSNorm(m.weight, sigma, sigma0)
+        _set_module(model, n, fake.to(m.weight.device))
     return model
 
 
@@ -157,9 +244,11 @@ class LNRemovalSchedule:
     order: every block's ln_2, then ln_1, then ln_f), re-estimating sigma of each group from
     `batches` with the model as trained so far at the moment of its switch.
 
+    groups: attribute names (every norm so named is one group, as GPT2_GROUPS / LLAMA_GROUPS) or
+    full module names (one norm each: the finest schedule, one norm at a time).
     switch_steps: the training step at which each group switches (one per group, non-decreasing).
     Call `step(i)` once per training step (before the forward); it returns the groups switched at
-    that call. The Parameters stay the same objects, so the optimizer needs no rebuilding.
+    that call. separate_first: give each fake its own first-position sigma0 (estimate_ln_scales). The Parameters stay the same objects, so the optimizer needs no rebuilding.
 
     Example:
         >>> sched = LNRemovalSchedule(gpt2, calib_batches, switch_steps=(0, 100, 200))
@@ -170,8 +259,8 @@ class LNRemovalSchedule:
     """
 
     def __init__(self, model: nn.Module, batches: Iterable, switch_steps: Iterable[int],
-                 groups: Iterable[str] = GPT2_GROUPS):
-        self.model, self.batches = model, list(batches)
+                 groups: Iterable[str] = GPT2_GROUPS, *, separate_first: bool = False):
+        self.model, self.batches, self.separate_first = model, list(batches), separate_first
         self.groups, self.switch_steps = tuple(groups), tuple(switch_steps)
         if len(self.switch_steps) != len(self.groups):
             _fail("LNRemovalSchedule", "switch_steps", f"{len(self.groups)} steps, one per group {self.groups}",
@@ -187,13 +276,14 @@ class LNRemovalSchedule:
         self.switched: dict[str, dict[str, float]] = {}  # group -> the sigmas it got
 
     def _members(self, group: str) -> list[str]:
-        return [n for n in layernorms(self.model) if n.rpartition(".")[2] == group]
+        return [n for n in layernorms(self.model) if n == group or n.rpartition(".")[2] == group]
 
     def step(self, i: int) -> list[str]:
         done = []
         for g, at in zip(self.groups, self.switch_steps):
             if g not in self.switched and i >= at:
-                scales = estimate_ln_scales(self.model, self.batches, self._members(g))
+                scales = estimate_ln_scales(self.model, self.batches, self._members(g),
+                                            separate_first=self.separate_first)
                 fake_layernorm(self.model, scales)
                 self.switched[g] = scales
                 done.append(g)

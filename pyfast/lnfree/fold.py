@@ -42,8 +42,11 @@ def fold_reader(a: torch.Tensor, beta: torch.Tensor, w: torch.Tensor, b: torch.T
     return weight.T.contiguous(), bias
 
 
-def ln_scale_of_fake(ln: FakeLayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def ln_scale_of_fake(ln: FakeLayerNorm, name: str = "LayerNorm") -> tuple[torch.Tensor, torch.Tensor]:
     """(a = gamma / sigma, beta) of a FakeLayerNorm, float64."""
+    if ln.sigma0 is not None:
+        _fail(name, "one sigma for every position (fold cannot express a separate first-position sigma0)",
+              f"sigma0 = {float(ln.sigma0):.6g}")
     beta = ln.bias.double() if ln.bias is not None else torch.zeros_like(ln.weight, dtype=torch.float64)
     return ln.weight.double() / ln.sigma.double(), beta
 
@@ -132,7 +135,7 @@ def fold(model, dtype: torch.dtype | None = None):
     def ln_scale(name):
         if name not in lns:
             _fail(f"transformer.{name}", "a FakeLayerNorm", type(base.get_submodule(name)).__name__)
-        return ln_scale_of_fake(lns[name])
+        return ln_scale_of_fake(lns[name], f"transformer.{name}")
 
     tensors = fold_gpt2_tensors(cfg, params.__getitem__, ln_scale)
     dtype = dtype or base.wte.weight.dtype

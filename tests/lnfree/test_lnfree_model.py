@@ -227,7 +227,7 @@ def test_bad_input():
         lnfree.fold(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="finite positive"):
         lnfree.fake_layernorm(tiny_gpt2(), {"transformer.ln_f": 0.0})
-    with pytest.raises(ValueError, match="nn.LayerNorm modules"):
+    with pytest.raises(ValueError, match="nn.LayerNorm / RMSNorm modules"):
         lnfree.fake_layernorm(tiny_gpt2(), {"transformer.h.0.attn": 1.0})
     with pytest.raises(ValueError, match="switch_steps"):
         lnfree.LNRemovalSchedule(tiny_gpt2(), [ids], switch_steps=(3, 1, 5))
@@ -248,3 +248,31 @@ def test_generate_with_cherryq_and_sparse():
     assert 0 < ((quantized - exact).norm() / exact.norm()).item() < 0.1  # 4-bit weights: close, not equal
     with pytest.raises(ValueError, match="sparse"):
         folded.generate(ids, 2, sparse=dict(block_size=32))
+
+
+def test_separate_first_position_sigma():
+    """estimate_ln_scales(separate_first=True): sigma0 from position 0, sigma from the rest; the fake
+    divides row 0 of a multi-token input by sigma0 and every other row (and single-token inputs)
+    by sigma; fold refuses it (one weight per position cannot hold two scales)."""
+    model = tiny_gpt2()
+    ids = prompts(3, 10)
+    seen = {}
+    h = model.transformer.h[0].ln_2.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach()))
+    scales = lnfree.estimate_ln_scales(model, [ids], separate_first=True)
+    h.remove()
+    std = (seen["x"].double().var(-1, unbiased=False) + 1e-5).sqrt()
+    sigma, sigma0 = scales["transformer.h.0.ln_2"]
+    assert sigma == pytest.approx(std[:, 1:].mean().item(), rel=1e-9)
+    assert sigma0 == pytest.approx(std[:, 0].mean().item(), rel=1e-9)
+    lnfree.fake_layernorm(model, scales)
+    fake = model.transformer.h[0].ln_2
+    x = torch.randn(2, 4, 48)
+    c = x - x.mean(-1, keepdim=True)
+    out = fake(x)
+    assert_close(out[:, 0], c[:, 0] / sigma0 * fake.weight + fake.bias, 1e-6)
+    assert_close(out[:, 1:], c[:, 1:] / sigma * fake.weight + fake.bias, 1e-6)
+    assert_close(fake(x[:, :1]), c[:, :1] / sigma * fake.weight + fake.bias, 1e-6)  # a decode step
+    with pytest.raises(ValueError, match="sigma0"):
+        lnfree.fold(model)
+    with pytest.raises(ValueError, match=r"scales\['transformer.ln_f'\]\[1\]"):
+        lnfree.fake_layernorm(tiny_gpt2(), {"transformer.ln_f": (1.0, -2.0)})
