@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from pyfast.eval.hedgehog_quality import VARIANTS, hedgehog_quality, markdown_table
-from pyfast.eval.smollm2 import MODEL_NAME, add_bench_options, bench_setup, write_bench_json
+from pyfast.eval.smollm2 import add_bench_options, bench_setup, finish_bench
 
 
 def parse_args(argv=None):
@@ -45,11 +43,7 @@ def main(argv=None) -> list[dict]:
                        seed=0, threads=args.threads)
     rows = hedgehog_quality(data.model, data.chunks["train"], data.chunks["held_out"], variants=args.variants,
                             steps=args.steps, lr=args.lr, backend=args.backend, log=lambda s: print(s, flush=True))
-    total = time.perf_counter() - t0
-    print(f"total {total:.1f} s\n")
-    print(markdown_table(rows))
-    write_bench_json(args, rows, model=MODEL_NAME, threads=torch.get_num_threads(), total_seconds=round(total, 1))
-    return rows
+    return finish_bench(args, rows, markdown_table(rows), t0)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from pyfast.eval.lnfree_quality import lnfree_quality, markdown_table
-from pyfast.eval.smollm2 import MODEL_NAME, add_bench_options, bench_setup, write_bench_json
+from pyfast.eval.smollm2 import add_bench_options, bench_setup, finish_bench
 
 
 def parse_args(argv=None):
@@ -46,11 +44,7 @@ def main(argv=None) -> list[dict]:
                        seed=0, threads=args.threads)
     rows = lnfree_quality(data.model, data.chunks["train"], data.chunks["calib"], data.chunks["held_out"],
                           steps=args.steps, lr=args.lr, schedule=args.schedule, log=lambda s: print(s, flush=True))
-    total = time.perf_counter() - t0
-    print(f"total {total:.1f} s\n")
-    print(markdown_table(rows))
-    write_bench_json(args, rows, model=MODEL_NAME, threads=torch.get_num_threads(), total_seconds=round(total, 1))
-    return rows
+    return finish_bench(args, rows, markdown_table(rows), t0)
 
 
 if __name__ == "__main__":

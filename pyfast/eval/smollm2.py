@@ -164,6 +164,16 @@ def write_bench_json(args, results, **fields) -> None:
             json.dump({"setup": setup, **fields, "results": results}, f, indent=2)
 
 
+def finish_bench(args, rows: list[dict], table: str, t0: float) -> list[dict]:
+    """The end every SmolLM2 bench shares: the total time since t0, the markdown table, and the
+    JSON (write_bench_json) with the model name and thread count. Returns rows."""
+    total = time.perf_counter() - t0
+    print(f"total {total:.1f} s\n")
+    print(table)
+    write_bench_json(args, rows, model=MODEL_NAME, threads=torch.get_num_threads(), total_seconds=round(total, 1))
+    return rows
+
+
 @dataclass
 class BenchData:
     """What bench_setup loaded: the model, its tokenizer, the text `source` and the named chunks."""
