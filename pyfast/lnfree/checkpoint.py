@@ -9,6 +9,7 @@ Everything is read and checked before a model is built (nothing half-loaded).
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -57,8 +58,15 @@ def _native(cfg: dict, tensors: dict) -> tuple[dict, dict]:
     missing = [k for k in CONFIG_KEYS if k not in cfg]
     if missing:
         _fail("config.json", f"the LNFreeGPT2 keys {CONFIG_KEYS}", f"missing {missing}")
-    if len(cfg["attn_scales"]) != cfg["n_layer"]:
-        _fail("config.json attn_scales", f"{cfg['n_layer']} entries (n_layer)", len(cfg["attn_scales"]))
+    for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1:
+            _fail(f"config.json {k}", "a positive int", repr(cfg[k]))
+    if cfg["n_embd"] % cfg["n_head"]:
+        _fail("config.json n_embd", f"a multiple of n_head = {cfg['n_head']}", cfg["n_embd"])
+    scales = cfg["attn_scales"]
+    if not isinstance(scales, list) or len(scales) != cfg["n_layer"] or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in scales):
+        _fail("config.json attn_scales", f"{cfg['n_layer']} positive floats (one per layer)", repr(scales)[:80])
     config = {k: cfg[k] for k in CONFIG_KEYS} | {"eos_token_id": cfg.get("eos_token_id")}
     return config, tensors
 
@@ -96,7 +104,13 @@ def _encoded_gpt2(cfg: dict, tensors: dict) -> tuple[dict, dict]:
             _fail(f"tensor {prefix + name!r}", f"shape {list(shape)} (from config.json)", f"shape {list(t.shape)}")
         if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
             _fail(f"tensor {prefix + name!r}", "finite float values", t.dtype)
-    return config, fold_gpt2_tensors(config, get, ln)
+    head = tensors.get("lm_head.weight")
+    if head is not None:
+        if tuple(head.shape) != (v, d):
+            _fail("tensor 'lm_head.weight'", f"shape {[v, d]}", f"shape {list(head.shape)}")
+        if torch.equal(head, get("wte.weight")):
+            head = None  # tied, as GPT-2 is
+    return config, fold_gpt2_tensors(config, get, ln, head)
 
 
 def load_directory(directory) -> tuple[dict, dict, torch.dtype]:

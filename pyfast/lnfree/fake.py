@@ -171,7 +171,10 @@ def estimate_ln_scales(model: nn.Module, batches: Iterable, names: Iterable[str]
             mask = current_mask[0]
             if mask is not None and separate_first:
                 mask = mask[..., 1:]
-            if mask is not None and mask.shape == std.shape:
+            if mask is not None and mask.shape != std.shape:
+                _fail("estimate_ln_scales", "attention_mask", f"the shape of the tokens reaching {name} "
+                      f"({list(std.shape)})", f"shape {list(mask.shape)}")
+            if mask is not None:
                 keep = mask.to(torch.bool)
                 sums[name][0] += float(std[keep].sum())
                 sums[name][1] += int(keep.sum())
@@ -189,10 +192,11 @@ def estimate_ln_scales(model: nn.Module, batches: Iterable, names: Iterable[str]
     model.eval()
     try:
         for batch in batches:
-            if isinstance(batch, Mapping):
-                current_mask[0] = batch.get("attention_mask")
-            else:
-                current_mask[0] = None
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            if mask is not None and separate_first and not bool((mask[..., 0] != 0).all()):
+                _fail("estimate_ln_scales", "attention_mask", "no left padding with separate_first (every "
+                      "sequence's first token real)", "a padded first position")
+            current_mask[0] = mask
             _forward(model, batch)
     finally:
         for h in handles:

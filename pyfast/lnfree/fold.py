@@ -81,10 +81,11 @@ def gpt2_config_of(config) -> dict:
                 eos_token_id=eos if isinstance(eos, int) else None)
 
 
-def fold_gpt2_tensors(cfg: dict, get, ln_scale) -> dict[str, torch.Tensor]:
+def fold_gpt2_tensors(cfg: dict, get, ln_scale, head: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The LNFreeGPT2 state dict (float64) from GPT-2 weights: get(name) returns a transformers
     GPT-2 tensor by its name without the "transformer." prefix (e.g. "h.0.attn.c_attn.weight",
-    Conv1D layout [d_in, d_out]); ln_scale(name) returns (a, beta) of the LN `name` ("h.0.ln_1")."""
+    Conv1D layout [d_in, d_out]); ln_scale(name) returns (a, beta) of the LN `name` ("h.0.ln_1");
+    head: an untied lm_head weight [vocab, d] (default: the unembedding is wte, GPT-2's tie)."""
     out = {"wte": get("wte.weight").double(), "wpe": get("wpe.weight").double()}
     for i in range(cfg["n_layer"]):
         p = f"h.{i}."
@@ -97,7 +98,8 @@ def fold_gpt2_tensors(cfg: dict, get, ln_scale) -> dict[str, torch.Tensor]:
                                                                get(p + "mlp.c_fc.bias"))
         out[q + "proj_weight"] = get(p + "mlp.c_proj.weight").double().T.contiguous()
         out[q + "proj_bias"] = get(p + "mlp.c_proj.bias").double()
-    weight, bias = fold_reader(*ln_scale("ln_f"), get("wte.weight").double().T, None)
+    unembed = get("wte.weight") if head is None else head
+    weight, bias = fold_reader(*ln_scale("ln_f"), unembed.double().T, None)
     out["unembed_weight"], out["unembed_bias"] = weight, bias
     return out
 

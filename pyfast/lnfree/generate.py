@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pyfast.lnfree.model import BLOCK_SIZE, LNFreeGPT2, _check_sampling, _fail, sample_next
+from pyfast.lnfree.model import BLOCK_SIZE, FROM_CONFIG, LNFreeGPT2, _check_sampling, _fail, sample_next
 from pyfast.sparse import append_kv, decode_attention, sparse_decode_attention
 
 SPARSE_KEYS = {"topk", "sink_blocks", "local_blocks"}  # block_size is the cache's (BLOCK_SIZE)
@@ -28,7 +28,8 @@ class Generator:
         if t + max_new_tokens > cfg["n_positions"]:
             _fail("generate", "prompt length + max_new_tokens", f"<= n_positions = {cfg['n_positions']} "
                   "(the position table)", f"{t} + {max_new_tokens}")
-        for name, tok in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        for name, tok in (("eos_token_id", None if eos_token_id is FROM_CONFIG else eos_token_id),
+                          ("pad_token_id", pad_token_id)):
             if tok is not None and (isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < cfg["vocab_size"]):
                 _fail("generate", name, f"None or a token id in [0, {cfg['vocab_size']})", repr(tok))
         self.model, self.ids, self.mask = model, input_ids.long(), attention_mask
@@ -40,8 +41,11 @@ class Generator:
             self.generator.manual_seed(seed if seed is not None else torch.seed())
         if sparse is not None and (not isinstance(sparse, dict) or not set(sparse) <= SPARSE_KEYS):
             _fail("generate", "sparse", f"None or a dict with keys among {sorted(SPARSE_KEYS)}", repr(sparse))
+        for k, v in (sparse or {}).items():  # before the prefill runs
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                _fail("generate", f"sparse[{k!r}]", "an int >= 0", repr(v))
         self.sparse = sparse
-        self.eos = eos_token_id if eos_token_id is not None else cfg.get("eos_token_id")
+        self.eos = cfg.get("eos_token_id") if eos_token_id is FROM_CONFIG else eos_token_id
         self.pad = pad_token_id if pad_token_id is not None else self.eos
 
     def _allocate(self, tmax: int):

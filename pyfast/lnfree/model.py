@@ -30,6 +30,7 @@ from pyfast.lnfree.ops import linear_bias_gelu, linear_bias_residual
 CONFIG_FLAG = "pyfast_lnfree"  # marks a directory written by LNFreeGPT2.save_pretrained
 WEIGHTS_FILE = "model.safetensors"
 BLOCK_SIZE = 16  # append_kv's block of block_keys (needed by sparse decoding; dense ignores it)
+FROM_CONFIG = object()  # generate's eos_token_id default: the config's (None: never stop)
 
 
 def _fail(fn: str, arg: str, expected: str, got, error=ValueError) -> None:
@@ -97,6 +98,11 @@ class LNFreeGPT2(nn.Module):
                 _fail("load", f"tensor {k!r}", "a float tensor", tensors[k].dtype, TypeError)
         for k, p in own.items():
             p.copy_(tensors[k])
+        self.quantized = {}  # made from the old values
+
+    def _apply(self, fn, *args, **kwargs):
+        self.quantized = {}  # .to / .half / .cuda make new buffers: CherryQ weights of the old ones are dropped
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ full-sequence forward
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -160,9 +166,9 @@ class LNFreeGPT2(nn.Module):
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 _fail(fn, "attention_mask", f"a tensor of shape {list(input_ids.shape)} (as input_ids)",
                       f"shape {list(getattr(attention_mask, 'shape', []))}")
-            m = attention_mask.long()
-            if bool(((m != 0) & (m != 1)).any()):
+            if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
                 _fail(fn, "attention_mask", "0/1 values", "other values")
+            m = attention_mask.long()
             if bool((m.sum(1) == 0).any()) or bool((m[:, 1:] < m[:, :-1]).any()):
                 _fail(fn, "attention_mask", "left padding: each row 0...0 1...1 with at least one 1", "another pattern")
 
@@ -193,9 +199,14 @@ class LNFreeGPT2(nn.Module):
         """Quantize every block's linear weights (and the unembedding, unless include_unembed is
         False) with CherryQ (pyfast.cherryq_quantize: `bits`-bit groups of group_size plus fp16
         cherries per row); the linear layers then run cherryq_matmul. The float weights stay (for
-        direct_logit_attribution and save_pretrained); calling it again re-quantizes."""
+        direct_logit_attribution and save_pretrained); calling it again re-quantizes; moving or
+        casting the model (.to, .half, ...) or load_folded drops the quantized weights (they were
+        made from the old tensors)."""
         from pyfast.cherryq import cherryq_quantize
 
+        for name, v in (("bits", bits), ("group_size", group_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail("quantize_", name, "a positive int", repr(v))
         weights = [w for blk in self.blocks for w in (blk.attn_weight, blk.attn_proj_weight, blk.fc_weight,
                                                        blk.proj_weight)]
         if include_unembed:
@@ -223,6 +234,9 @@ class LNFreeGPT2(nn.Module):
             >>> torch.testing.assert_close(contrib.sum(1), lnfree(ids)[:, -1], rtol=1e-4, atol=1e-4)
         """
         self.check_input_ids("direct_logit_attribution", input_ids, attention_mask)
+        if self.quantized:
+            _fail("direct_logit_attribution", "the model", "with float weights (the attribution is exact for those; "
+                  "call it on an unquantized LNFreeGPT2)", "CherryQ weights (quantize_)")
         t = input_ids.shape[1]
         if isinstance(position, bool) or not isinstance(position, int) or not -t <= position < t:
             _fail("direct_logit_attribution", "position", f"an int in [-{t}, {t})", repr(position))
@@ -238,12 +252,13 @@ class LNFreeGPT2(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 seed: int | None = None, eos_token_id=FROM_CONFIG, pad_token_id: int | None = None,
                  quantize: dict | None = None, sparse: dict | None = None, progress=None) -> torch.Tensor:
         """Decode up to max_new_tokens after the prompts input_ids [B, T] (left-padded when
         attention_mask [B, T] is given) -> [B, T + n] (input_ids, then the new tokens; a row that
         produced eos_token_id is filled with pad_token_id after it, as transformers does; n <
-        max_new_tokens when every row has stopped).
+        max_new_tokens when every row has stopped). eos_token_id: default the config's; None never
+        stops. pad_token_id: default the EOS.
 
         Greedy by default; do_sample=True samples with temperature, then top_k (0: off), then top_p
         (1: off), from a generator seeded with `seed`. The prompt runs as one batch (prefill), then
@@ -260,13 +275,14 @@ class LNFreeGPT2(nn.Module):
         """
         from pyfast.lnfree.generate import Generator
 
+        gen = Generator(self, input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, sparse=sparse)  # every check before anything changes
         if quantize is not None:
             if not isinstance(quantize, dict):
                 _fail("generate", "quantize", "None or a dict of quantize_ arguments", repr(quantize), TypeError)
             self.quantize_(**quantize)
-        return Generator(self, input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
-                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-                         pad_token_id=pad_token_id, sparse=sparse).run(progress)
+        return gen.run(progress)
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, directory: str | os.PathLike) -> None:

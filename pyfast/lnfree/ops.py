@@ -22,6 +22,8 @@ def check_linear(op: str, x, weight, bias, residual=None) -> None:
     """x [..., K], weight [N, K] (F.linear's layout), bias [N], residual [..., N] (x's leading
     dims), all of x's float dtype."""
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    if x.shape[-1] < 1:  # K = 0: the kernels assume at least one column (the output would be the bias alone)
+        fail(op, "x.shape[-1] (K)", ">= 1", f"shape {list(x.shape)}")
     check_tensor(op, "weight", weight, dtypes=(x.dtype,), ndim=2)
     if weight.shape[1] != x.shape[-1]:
         fail(op, "weight", f"shape [N, {x.shape[-1]}] (K = x.shape[-1])", f"shape {list(weight.shape)}")

@@ -72,6 +72,20 @@ def test_strided_3d_optional(backend, shape):
     assert linear_bias_gelu(x[:0], w, b, backend=backend).shape == (0, shape[1])
 
 
+@pytest.mark.parametrize("m", [3, 9])
+@pytest.mark.parametrize("backend", backends("linear_bias_gelu"))
+def test_row_strides(backend, m):
+    """weight and residual as column slices of wider tensors: row strides != K / N reach the kernels
+    (ldw, ldr), both the GEMV rows path (3) and the GEMM (9)."""
+    dev = device_for(backend)
+    x, wide_w, b, _ = _case(m, 40, 83, torch.float32, dev)
+    x, w, b = x[:, :76], wide_w[:33, :76], b[:33]  # weight rows 83 apart
+    r = torch.randn(m, 50, device=dev)[:, :33]  # residual rows 50 apart
+    assert w.stride(0) == 83 and r.stride(0) == 50
+    assert_close(linear_bias_residual(x, w, b, r, backend=backend),
+                 F.linear(x.double(), w.double(), b.double()) + r.double(), tol(torch.float32, backend))
+
+
 @pytest.mark.parametrize("backend", backends("linear_bias_gelu"))
 def test_nan_and_extremes(backend):
     """A NaN in x spoils exactly its row; huge pre-activations saturate the GELU (to v and 0),
@@ -103,5 +117,7 @@ def test_bad_input_names_the_argument():
         linear_bias_residual(x, w, b.double(), r)
     with pytest.raises(ValueError, match=r"expected residual shape \[3, 8\]"):
         linear_bias_residual(x, w, b, r[:2])
+    with pytest.raises(ValueError, match=r"expected x.shape\[-1\] \(K\) >= 1"):
+        linear_bias_gelu(x[:, :0], w[:, :0], b)
     with pytest.raises(ValueError, match="expected weight not to require grad"):
         linear_bias_gelu(x, w.requires_grad_(), b)

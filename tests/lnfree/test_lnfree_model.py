@@ -26,10 +26,19 @@ def test_scales_are_the_mean_token_std():
     expect = (x.var(-1, unbiased=False) + model.config.layer_norm_epsilon).sqrt().mean().item()
     assert scales["transformer.h.1.ln_2"] == pytest.approx(expect, rel=1e-9)
     assert set(scales) == {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
-    # a mask excludes its tokens
+    # a mask excludes its tokens: the mean over the real ones only
     ids2, mask = left_padded(ids, [4, 0, 2])
+    seen.clear()
+    h = model.transformer.ln_f.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach()))
     masked = lnfree.estimate_ln_scales(model, [{"input_ids": ids2, "attention_mask": mask}])
-    assert masked["transformer.ln_f"] != scales["transformer.ln_f"]
+    h.remove()
+    std = (seen["x"].double().var(-1, unbiased=False) + model.config.layer_norm_epsilon).sqrt()
+    assert masked["transformer.ln_f"] == pytest.approx(std[mask.bool()].mean().item(), rel=1e-9)
+    assert masked["transformer.ln_f"] != pytest.approx(std.mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="attention_mask"):
+        lnfree.estimate_ln_scales(model, [{"input_ids": ids2, "attention_mask": mask[:, 1:]}])
+    with pytest.raises(ValueError, match="no left padding with separate_first"):
+        lnfree.estimate_ln_scales(model, [{"input_ids": ids2, "attention_mask": mask}], separate_first=True)
 
 
 def test_fake_layernorm_keeps_parameters_and_is_ln_at_sigma():
@@ -97,6 +106,30 @@ def test_generate_eos_and_sampling():
     assert torch.equal(folded.generate(ids, 10, do_sample=True, top_k=1, seed=0, eos_token_id=None),
                        greedy[:, :18])
     assert torch.equal(folded.generate(ids, 0), ids)
+    # eos_token_id: the config's by default, None never stops
+    folded.config["eos_token_id"] = eos
+    assert torch.equal(folded.generate(ids, 12), out)
+    assert torch.equal(folded.generate(ids, 12, eos_token_id=None), greedy)
+
+
+def test_sample_next_filters():
+    """top-k keeps the k largest, top-p the smallest set whose probability reaches p (the most
+    likely token always), temperature scales before both (transformers' order)."""
+    from pyfast.lnfree.model import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+
+    def draws(**kw):
+        return torch.bincount(sample_next(logits, do_sample=True, generator=g, **{**dict(temperature=1.0, top_k=0,
+                                                                                        top_p=1.0), **kw}), minlength=4)
+    assert draws(top_p=0.5).tolist() == [4000, 0, 0, 0]  # 0.5 alone reaches p
+    counts = draws(top_p=0.8)  # {0.5, 0.3}: renormalized 0.625 / 0.375
+    assert counts[2:].sum() == 0 and abs(counts[0] / 4000 - 0.625) < 0.03
+    counts = draws(top_k=3)
+    assert counts[3] == 0 and abs(counts[2] / 4000 - 0.15 / 0.95) < 0.03
+    assert draws(temperature=1e-4).tolist() == [4000, 0, 0, 0]
+    assert sample_next(logits[:2], do_sample=False, temperature=1.0, top_k=0, top_p=1.0, generator=None).tolist() == [0, 0]
 
 
 def test_direct_logit_attribution_sums_to_logits():
@@ -151,6 +184,21 @@ def test_released_encoding_checkpoint(tmp_path):
                        model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=EOS, eos_token_id=None))
 
 
+def test_released_encoding_with_an_untied_head(tmp_path):
+    import transformers
+
+    model = fake_gpt2()
+    encoded = _write_released_encoding(model, tmp_path / "tied")
+    cfg = transformers.GPT2Config(**{**encoded.config.to_dict(), "tie_word_embeddings": False})
+    untied = transformers.GPT2LMHeadModel(cfg).eval()
+    untied.load_state_dict(encoded.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.lm_head.weight.normal_()
+    untied.save_pretrained(tmp_path / "untied")
+    ids = prompts(2, 9)
+    assert_close(LNFreeGPT2.from_pretrained(tmp_path / "untied")(ids), untied(ids).logits, 1e-5)
+
+
 def test_from_pretrained_rejects_what_it_cannot_read(tmp_path):
     real = tiny_gpt2()
     real.save_pretrained(tmp_path / "real")
@@ -171,6 +219,12 @@ def test_from_pretrained_rejects_what_it_cannot_read(tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(ValueError, match="readable safetensors"):
         LNFreeGPT2.from_pretrained(tmp_path / "enc")
+    # a save_pretrained directory whose config cannot describe the model
+    lnfree.fold(model).save_pretrained(tmp_path / "native")
+    cfg = json.loads((tmp_path / "native" / "config.json").read_text())
+    (tmp_path / "native" / "config.json").write_text(json.dumps({**cfg, "n_head": 5}))
+    with pytest.raises(ValueError, match="n_embd"):
+        LNFreeGPT2.from_pretrained(tmp_path / "native")
     # pickle only: never read
     f.unlink()
     torch.save({}, tmp_path / "enc" / "pytorch_model.bin")
@@ -217,6 +271,8 @@ def test_bad_input():
     for kw, match in ((dict(temperature=0.0), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")):
         with pytest.raises(ValueError, match=match):
             folded.generate(ids, 4, do_sample=True, **kw)
+    with pytest.raises(ValueError, match="0/1 values"):
+        folded(ids, torch.full(ids.shape, 0.5).index_fill(1, torch.tensor([9]), 1.0))
     mask = torch.ones_like(ids)
     mask[0, -1] = 0  # right padding
     with pytest.raises(ValueError, match="left padding"):
@@ -248,6 +304,17 @@ def test_generate_with_cherryq_and_sparse():
     assert 0 < ((quantized - exact).norm() / exact.norm()).item() < 0.1  # 4-bit weights: close, not equal
     with pytest.raises(ValueError, match="sparse"):
         folded.generate(ids, 2, sparse=dict(block_size=32))
+    with pytest.raises(ValueError, match=r"sparse\['topk'\]"):
+        folded.generate(ids, 2, sparse=dict(topk=-1))
+    with pytest.raises(ValueError, match="CherryQ weights"):
+        q.direct_logit_attribution(ids)
+    q.float()  # moving / casting drops the CherryQ weights (they belong to the old tensors)
+    assert not q.quantized
+    with pytest.raises(ValueError, match="prompt length"):  # a refused call quantizes nothing
+        q.generate(ids, 1000, quantize=dict(bits=4, group_size=64))
+    assert not q.quantized
+    with pytest.raises(ValueError, match="group_size"):
+        q.quantize_(group_size=0)
 
 
 def test_separate_first_position_sigma():
