@@ -14,13 +14,14 @@ import os
 
 import torch
 
+from pyfast._validate import fail
 from pyfast.lnfree.fold import ENCODED_EPS_MIN, fold_gpt2_tensors, gpt2_config_of, ln_scale_of_encoded
 
 CONFIG_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "attn_scales")
 
 
 def _fail(arg: str, expected: str, got) -> None:
-    raise ValueError(f"pyfast.lnfree.LNFreeGPT2.from_pretrained: expected {arg} {expected}, got {got}")
+    fail("lnfree.LNFreeGPT2.from_pretrained", arg, expected, got)
 
 
 def _read_config(directory: str) -> dict:

@@ -23,6 +23,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from pyfast._validate import fail
+
 # The paper's removal order: the groups of a GPT-2 (by the LN's attribute name), first to last,
 # and the same order for the Llama family's RMSNorms (MLP inputs, attention inputs, final norm).
 GPT2_GROUPS = ("ln_2", "ln_1", "ln_f")
@@ -30,7 +32,7 @@ LLAMA_GROUPS = ("post_attention_layernorm", "input_layernorm", "norm")
 
 
 def _fail(fn: str, arg: str, expected: str, got) -> None:
-    raise ValueError(f"pyfast.lnfree.{fn}: expected {arg} {expected}, got {got}")
+    fail(f"lnfree.{fn}", arg, expected, got)
 
 
 def _check_sigma(fn: str, arg: str, value) -> float:
@@ -120,14 +122,12 @@ def layernorms(model: nn.Module, kinds=None) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if test(m)}
 
 
-def _forward(model: nn.Module, batch) -> torch.Tensor | None:
-    """Run one calibration batch: a dict of model keyword arguments (its attention_mask, if any, says
-    which tokens count) or a tensor of input ids. Returns the token mask [B, T] or None."""
+def _forward(model: nn.Module, batch) -> None:
+    """Run one calibration batch: a dict of model keyword arguments or a tensor of input ids."""
     if isinstance(batch, Mapping):
         model(**batch)
-        return batch.get("attention_mask")
-    model(batch)
-    return None
+    else:
+        model(batch)
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ def estimate_ln_scales(model: nn.Module, batches: Iterable, names: Iterable[str]
     handles = []
     for n in wanted:
         m = found[n]
-        eps = (m.eps if isinstance(m, nn.LayerNorm) else _eps(m)) if is_norm(m) else 0.0
+        eps = _eps(m) if is_norm(m) else 0.0  # a fake divides by sigma alone
         handles.append(m.register_forward_pre_hook(hook(n, eps, isinstance(m, (nn.LayerNorm, FakeLayerNorm)))))
     training = model.training
     model.eval()

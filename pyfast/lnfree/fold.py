@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from pyfast._validate import fail
 from pyfast.lnfree.fake import FakeLayerNorm
 
 # A checkpoint whose LN eps is at least this holds the released encoding (1e12 there; real LNs
@@ -29,7 +30,7 @@ ENCODED_EPS_MIN = 1e10
 
 
 def _fail(arg: str, expected: str, got) -> None:
-    raise ValueError(f"pyfast.lnfree.fold: expected {arg} {expected}, got {got}")
+    fail("lnfree.fold", arg, expected, got)
 
 
 def fold_reader(a: torch.Tensor, beta: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from pyfast.lnfree.model import BLOCK_SIZE, FROM_CONFIG, LNFreeGPT2, _check_sampling, _fail, sample_next
+from pyfast._validate import check_int
+from pyfast.lnfree.model import BLOCK_SIZE, FROM_CONFIG, OP, LNFreeGPT2, _check_sampling, _fail, sample_next
 from pyfast.sparse import append_kv, decode_attention, sparse_decode_attention
 
 SPARSE_KEYS = {"topk", "sink_blocks", "local_blocks"}  # block_size is the cache's (BLOCK_SIZE)
@@ -20,8 +21,7 @@ class Generator:
     def __init__(self, model: LNFreeGPT2, input_ids, max_new_tokens, *, attention_mask, do_sample, temperature,
                  top_k, top_p, seed, eos_token_id, pad_token_id, sparse=None):
         model.check_input_ids("generate", input_ids, attention_mask)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            _fail("generate", "max_new_tokens", "an int >= 0", repr(max_new_tokens))
+        check_int(f"{OP}.generate", "max_new_tokens", max_new_tokens, minimum=0)
         _check_sampling(do_sample, temperature, top_k, top_p, seed)
         cfg = model.config
         b, t = input_ids.shape
@@ -42,8 +42,7 @@ class Generator:
         if sparse is not None and (not isinstance(sparse, dict) or not set(sparse) <= SPARSE_KEYS):
             _fail("generate", "sparse", f"None or a dict with keys among {sorted(SPARSE_KEYS)}", repr(sparse))
         for k, v in (sparse or {}).items():  # before the prefill runs
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                _fail("generate", f"sparse[{k!r}]", "an int >= 0", repr(v))
+            check_int(f"{OP}.generate", f"sparse[{k!r}]", v, minimum=0)
         self.sparse = sparse
         self.eos = cfg.get("eos_token_id") if eos_token_id is FROM_CONFIG else eos_token_id
         self.pad = pad_token_id if pad_token_id is not None else self.eos

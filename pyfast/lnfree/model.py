@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyfast._validate import check_int, fail, fail_type
 from pyfast.lnfree.ops import linear_bias_gelu, linear_bias_residual
 
 CONFIG_FLAG = "pyfast_lnfree"  # marks a directory written by LNFreeGPT2.save_pretrained
@@ -33,8 +34,11 @@ BLOCK_SIZE = 16  # append_kv's block of block_keys (needed by sparse decoding; d
 FROM_CONFIG = object()  # generate's eos_token_id default: the config's (None: never stop)
 
 
+OP = "lnfree.LNFreeGPT2"  # errors read "pyfast.lnfree.LNFreeGPT2.<method>: expected ..."
+
+
 def _fail(fn: str, arg: str, expected: str, got, error=ValueError) -> None:
-    raise error(f"pyfast.lnfree.LNFreeGPT2.{fn}: expected {arg} {expected}, got {got}")
+    (fail if error is ValueError else fail_type)(f"{OP}.{fn}", arg, expected, got)
 
 
 class LNFreeBlock(nn.Module):
@@ -69,7 +73,7 @@ class LNFreeGPT2(nn.Module):
     def __init__(self, config: dict, *, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.backend: str | None = None
-        self.quantized: dict = {}  # id(weight parameter) -> CherryQWeight (quantize_)
+        self.quantized: dict = {}  # id(weight buffer) -> CherryQWeight (quantize_)
         self.config = dict(config)
         c = self.config
         kw = dict(dtype=dtype, device=device)
@@ -142,12 +146,10 @@ class LNFreeGPT2(nn.Module):
                 parts += [(f"blocks.{i}.attn.head{h}", heads[:, :, h]) for h in range(blk.heads)]
                 parts.append((f"blocks.{i}.attn.bias", blk.attn_proj_bias.expand_as(x)))
             x = self.linear(z.flatten(2), blk.attn_proj_weight, blk.attn_proj_bias, x)
+            before = x
+            x = blk.mlp(x, self)
             if parts is not None:
-                before = x
-                x = blk.mlp(x, self)
                 parts.append((f"blocks.{i}.mlp", x - before))
-            else:
-                x = blk.mlp(x, self)
         return x, kvs
 
     def check_input_ids(self, fn: str, input_ids, attention_mask=None) -> None:
@@ -204,9 +206,8 @@ class LNFreeGPT2(nn.Module):
         made from the old tensors)."""
         from pyfast.cherryq import cherryq_quantize
 
-        for name, v in (("bits", bits), ("group_size", group_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail("quantize_", name, "a positive int", repr(v))
+        check_int(f"{OP}.quantize_", "bits", bits, minimum=1)
+        check_int(f"{OP}.quantize_", "group_size", group_size, minimum=1)
         weights = [w for blk in self.blocks for w in (blk.attn_weight, blk.attn_proj_weight, blk.fc_weight,
                                                        blk.proj_weight)]
         if include_unembed:
@@ -342,8 +343,7 @@ def _check_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             math.isfinite(temperature) and temperature > 0):
         _fail("generate", "temperature", "a finite float > 0", repr(temperature))
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        _fail("generate", "top_k", "an int >= 0 (0: off)", repr(top_k))
+    check_int(f"{OP}.generate", "top_k", top_k, minimum=0)
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         _fail("generate", "top_p", "a float in (0, 1] (1: off)", repr(top_p))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
