@@ -50,7 +50,7 @@ at::Tensor sparse_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k
 }  // namespace sparse
 
 namespace lnfree {
-// y = x @ weight^T + bias, then GPT-2's tanh GELU / + residual (csrc/lnfree/linear_cpu.cpp).
+// y = x @ weight^T + bias, then GPT-2's tanh GELU / + residual (csrc/lnfree/lnfree_cpu.cpp).
 at::Tensor linear_bias_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 at::Tensor linear_bias_residual_cpu(const at::Tensor& x, const at::Tensor& weight,
                                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual);

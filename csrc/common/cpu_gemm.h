@@ -1,7 +1,7 @@
 // Register-blocked fp32 matrix products for the CPU kernels, written once over an `Isa` struct
 // (Vec16 of common/cpu_vec16_*.h): include inside the per-ISA unit's anonymous namespace after
 // defining `Isa` (as the kernel headers that use it are). Used by the Hedgehog backward
-// (hedgehog_bwd_kernel.h) and the LN-free linear layers (lnfree/linear_cpu_kernel.h).
+// (hedgehog_bwd_kernel.h) and the LN-free linear layers (lnfree/lnfree_cpu_kernel.h).
 #pragma once
 #include <cstdint>
 

@@ -5,7 +5,7 @@ backward: the registry refuses inputs that require grad while grad mode is on).
     linear_bias_gelu(x, weight, bias=None)                  = gelu_tanh(x @ weight^T + bias)
     linear_bias_residual(x, weight, bias=None, residual=None) = x @ weight^T + bias + residual
 
-Implementations: "cpu" (csrc/lnfree/linear_cpu.cpp), "triton" (kernels/lnfree.py; the default on
+Implementations: "cpu" (csrc/lnfree/lnfree_cpu.cpp), "triton" (kernels/lnfree.py; the default on
 CUDA), "reference" (pyfast/reference/lnfree.py, float64).
 """
 

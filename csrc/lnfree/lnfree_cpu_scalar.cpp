@@ -4,14 +4,14 @@
 #include <cstdint>
 
 #include "common/cpu_vec16_scalar.h"
-#include "lnfree/linear_cpu.h"
+#include "lnfree/lnfree_cpu.h"
 
 namespace pyfast::lnfree {
 namespace {
 
 struct Isa : Vec16 {};
 
-#include "lnfree/linear_cpu_kernel.h"
+#include "lnfree/lnfree_cpu_kernel.h"
 
 }  // namespace
 

@@ -1,9 +1,9 @@
 // LN-free linear layers for AVX-512 (F, BW, VL, DQ) + F16C. Only reached when the running CPU has
-// these (runtime check in linear_cpu.cpp). Everything compiled under the target pragma stays in
+// these (runtime check in lnfree_cpu.cpp). Everything compiled under the target pragma stays in
 // this unit (anonymous namespace).
 #include <cstdint>
 
-#include "lnfree/linear_cpu.h"
+#include "lnfree/lnfree_cpu.h"
 
 #if !(defined(__x86_64__) || defined(_M_X64))
 // Not an x86 CPU: cpu_has_avx512() is false, this is never called; keep the symbol linkable.
@@ -29,7 +29,7 @@ namespace {
 
 struct Isa : Vec16 {};
 
-#include "lnfree/linear_cpu_kernel.h"
+#include "lnfree/lnfree_cpu_kernel.h"
 
 }  // namespace
 

@@ -1,5 +1,5 @@
-// Torch-free interface between the LN-free linear layers' host code (linear_cpu.cpp) and their
-// per-ISA kernels (linear_cpu_{avx512,scalar}.cpp, both built from linear_cpu_kernel.h):
+// Torch-free interface between the LN-free linear layers' host code (lnfree_cpu.cpp) and their
+// per-ISA kernels (lnfree_cpu_{avx512,scalar}.cpp, both built from lnfree_cpu_kernel.h):
 //     y [M, N] = epilogue(x [M, K] @ w [N, K]^T)      (F.linear's weight layout)
 //     epilogue: + bias [N], then GPT-2's tanh GELU (gelu) or + residual [M, N] (residual)
 // fp32 accumulation; x, w, bias, residual and y share one element type (fp32/fp16/bf16).

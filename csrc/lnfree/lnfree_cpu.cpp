@@ -1,7 +1,7 @@
 // LN-free linear layers on the CPU: linear_bias_gelu_cpu, linear_bias_residual_cpu (host side).
 // x [..., K] is flattened to rows and converted once to fp32 (zero-padded to whole vectors; the
 // kernels broadcast its elements), then threads split the output columns into panels of kPanel
-// and run the per-ISA kernel (linear_cpu_kernel.h) over every row.
+// and run the per-ISA kernel (lnfree_cpu_kernel.h) over every row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -11,7 +11,7 @@
 #include "common/cpu_isa.h"
 #include "common/host.h"
 #include "kernels.h"
-#include "lnfree/linear_cpu.h"
+#include "lnfree/lnfree_cpu.h"
 
 namespace pyfast::lnfree {
 
