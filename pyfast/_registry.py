@@ -251,6 +251,7 @@ def _check_written(opdef: OpDef, args) -> None:
     """A written tensor has no overlapping elements and shares no memory with any other tensor
     argument: address ranges compared whatever storage they come from (two from_numpy views of
     one array are distinct storages), a conservative test like ATen's."""
+    ranges = None
     for i in opdef.written:
         name, t = opdef.arg_names[i], args[i]
         if t.numel() == 0:
@@ -258,13 +259,12 @@ def _check_written(opdef: OpDef, args) -> None:
         if _may_self_overlap(t):
             fail(opdef.name, name, "without overlapping elements (it is written in place)",
                  f"shape {list(t.shape)} with strides {list(t.stride())}")
-        lo, hi = _byte_range(t)
-        for j in opdef.tensor_args:
-            o = args[j]
-            if j == i or o is None or o.numel() == 0:
-                continue
-            olo, ohi = _byte_range(o)
-            if lo < ohi and olo < hi:
+        if ranges is None:  # once per call, for every tensor argument (ops write up to 4 of 6)
+            ranges = {j: _byte_range(args[j]) for j in opdef.tensor_args
+                      if args[j] is not None and args[j].numel() > 0}
+        lo, hi = ranges[i]
+        for j, (olo, ohi) in ranges.items():
+            if j != i and lo < ohi and olo < hi:
                 fail(opdef.name, name, f"not to share memory with {opdef.arg_names[j]} (it is written in place)",
                      "overlapping tensors")
 
