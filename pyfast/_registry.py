@@ -251,7 +251,8 @@ def _check_written(opdef: OpDef, args) -> None:
     """A written tensor has no overlapping elements and shares no memory with any other tensor
     argument: address ranges compared whatever storage they come from (two from_numpy views of
     one array are distinct storages), a conservative test like ATen's."""
-    ranges = None
+    # Every tensor argument's byte range, once per call (ops write up to 4 of their tensors).
+    ranges = {j: _byte_range(args[j]) for j in opdef.tensor_args if args[j] is not None and args[j].numel() > 0}
     for i in opdef.written:
         name, t = opdef.arg_names[i], args[i]
         if t.numel() == 0:
@@ -259,9 +260,6 @@ def _check_written(opdef: OpDef, args) -> None:
         if _may_self_overlap(t):
             fail(opdef.name, name, "without overlapping elements (it is written in place)",
                  f"shape {list(t.shape)} with strides {list(t.stride())}")
-        if ranges is None:  # once per call, for every tensor argument (ops write up to 4 of 6)
-            ranges = {j: _byte_range(args[j]) for j in opdef.tensor_args
-                      if args[j] is not None and args[j].numel() > 0}
         lo, hi = ranges[i]
         for j, (olo, ohi) in ranges.items():
             if j != i and lo < ohi and olo < hi:

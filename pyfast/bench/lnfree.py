@@ -8,8 +8,8 @@ baselines), four weight sets in turn so nothing stays in cache; GB/s counts the 
 Generation at GPT-2-small shape with random weights (no model hub): a prompt of 128 tokens, 32 and
 256 new tokens, batch 1 and 8, greedy, fp32 on the CPU (bf16 on GPUs): transformers' generate of
 the FakeLN model (the baseline) against LNFreeGPT2.generate on the same weights folded, and at
-batch 1 with CherryQ 3-bit weights. One call = the whole generate; tokens/s = batch * new tokens / time. The target
-line also says whether the greedy tokens were identical."""
+batch 1 with CherryQ 3-bit weights. One call = the whole generate; tokens/s = batch * new tokens /
+time. The target line also says whether the greedy tokens were identical."""
 
 from __future__ import annotations
 
