@@ -219,36 +219,47 @@ def hedgehog_bench_calls() -> list[Call]:
 PROPERTY_TESTS = "tests/test_properties.py"
 
 
+class CallRecorder:
+    """A pytest plugin that appends every distinct Triton launcher call of a test run to `path`, one
+    JSON object per line, as it happens (kernels/_utils.RECORD; the parent compiles them meanwhile).
+    The calls of PROPERTY_TESTS are left out unless property_tests. Used by --record and, with
+    PYFAST_RECORD_TRITON_CALLS=FILE, by tests/conftest.py: CI records the calls during its one test
+    run and hands the file to --calls, instead of running the Triton tests a second time."""
+
+    def __init__(self, path: str, property_tests: bool = False):
+        self.seen: set[str] = set()
+        self.test, self.active, self.property_tests = "?", True, property_tests
+        self.out = open(path, "w")
+        import pyfast.kernels._utils as ku
+
+        ku.RECORD = self
+
+    def pytest_runtest_setup(self, item):
+        self.test = item.nodeid
+        self.active = self.property_tests or not item.nodeid.startswith(PROPERTY_TESTS)
+
+    def __call__(self, plan, args, kwargs):
+        if not self.active:
+            return
+        call = dataclasses.asdict(_call(plan, args, kwargs, self.test))
+        key = json.dumps([call["plan"], call["args"], call["kwargs"]])
+        if key not in self.seen:
+            self.seen.add(key)
+            self.out.write(json.dumps(call) + "\n")
+            self.out.flush()
+
+    def pytest_unconfigure(self, config):
+        self.out.close()
+
+
 def record_test_calls(out_path: str, property_tests: bool) -> int:
-    """--record: run the Triton test cases in the interpreter and append every distinct launcher call
-    to out_path as it happens, one JSON object per line (the parent compiles them meanwhile)."""
+    """--record: run the Triton test cases in the interpreter, recording their launcher calls."""
     _setup_env(interpreted=True)
     import pytest
 
-    import pyfast.kernels._utils as ku
-
-    seen: set[str] = set()
-    state = {"test": "?"}
-    out = open(out_path, "w")
-
-    class Plugin:
-        def pytest_runtest_setup(self, item):
-            state["test"] = item.nodeid
-
-    def record(plan, args, kwargs):
-        call = dataclasses.asdict(_call(plan, args, kwargs, state["test"]))
-        key = json.dumps([call["plan"], call["args"], call["kwargs"]])
-        if key not in seen:
-            seen.add(key)
-            out.write(json.dumps(call) + "\n")
-            out.flush()
-
-    ku.RECORD = record
     ignore = [] if property_tests else [f"--ignore={os.path.join(ROOT, PROPERTY_TESTS)}"]
-    rc = pytest.main([os.path.join(ROOT, "tests"), "-q", "-k", "triton and not test_triton_aot",
-                      "-p", "no:cacheprovider", *ignore], plugins=[Plugin()])
-    out.close()
-    return int(rc)
+    return int(pytest.main([os.path.join(ROOT, "tests"), "-q", "-k", "triton and not test_triton_aot",
+                            "-p", "no:cacheprovider", *ignore], plugins=[CallRecorder(out_path, property_tests)]))
 
 
 class CallReader:

@@ -2,9 +2,10 @@
 source (a loop bound off by one, a dropped warp-reduction step, a missing barrier, a wrong
 operand...). For each, the emulated CUDA tests of its family (pytest -m cuda_emu, tests/cuda_emu.py)
 must fail. Mutants are applied to a copy of csrc/ and tests/ in a scratch directory (the checkout
-is never modified); the emulation's incremental build recompiles only the mutated unit.
+is never modified), one copy per worker (--jobs, default one per core); the emulation's incremental
+build recompiles only the mutated unit, at -O1 (PYFAST_EMU_OPT).
 
-    python scripts/mutation_check.py [--only SUBSTRING] [--scratch DIR]
+    python scripts/mutation_check.py [--only SUBSTRING] [--scratch DIR] [--jobs N]
 
 Exit status 1 if a mutant survives (or does not apply / compile: fix the list below).
 """
@@ -12,10 +13,12 @@ Exit status 1 if a mutant survives (or does not apply / compile: fix the list be
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,13 +98,55 @@ def _copy_tree(scratch: Path) -> None:
     shutil.copy(ROOT / "pyproject.toml", scratch / "pyproject.toml")
 
 
-def _pytest(scratch: Path, targets: list[str], timeout: int) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "pytest", *targets, "-m", "cuda_emu", "-x", "-q", "-p", "no:cacheprovider"]
+def _env() -> dict:
+    # One compile job and one torch thread per worker (the workers share the cores); -O1 halves the
+    # compile of the big launcher units, which dominates a mutant's time (tests/cuda_emu.py).
+    return dict(os.environ, MAX_JOBS="1", OMP_NUM_THREADS="1", PYFAST_EMU_OPT=os.environ.get("PYFAST_EMU_OPT", "-O1"))
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int) -> tuple[int, str]:
     try:
-        r = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
     except subprocess.TimeoutExpired:
         return 124, "timed out"
     return r.returncode, r.stdout + r.stderr
+
+
+def _pytest(scratch: Path, targets: list[str], timeout: int) -> tuple[int, str]:
+    return _run([sys.executable, "-m", "pytest", *targets, "-m", "cuda_emu", "-x", "-q", "-p", "no:cacheprovider"],
+                scratch, timeout)
+
+
+def _baseline(scratch: Path, timeout: int) -> str | None:
+    """Copies the tree into scratch and builds its emulation (the copy's own build folder: cuda_emu
+    keys it by the tree's path); None if it builds, else the build's output. The unmutated copy
+    must build, else every mutant would be "killed"."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    _copy_tree(scratch)
+    rc, out = _run([sys.executable, str(scratch / "tests" / "cuda_emu.py")], scratch, timeout)
+    return None if rc == 0 else out[-3000:]
+
+
+def _try(scratch: Path, mutant, timeout: int) -> tuple[str, float, str]:
+    """Applies one mutant in scratch, runs its family's emulated tests, restores the file: returns
+    (verdict, seconds, output)."""
+    path, old, new, what = mutant
+    src = scratch / "csrc" / path
+    original = (ROOT / "csrc" / path).read_text()
+    src.write_text(original.replace(old, new))
+    start = time.time()
+    try:
+        rc, out = _pytest(scratch, FAMILY_TESTS[path.split("/")[0]], timeout)
+    finally:
+        src.write_text(original)
+    if "Error building extension" in out or "error:" in out and rc != 0 and "FAILED" not in out:
+        verdict = "BUILD ERROR"
+    elif rc == 0:
+        verdict = "SURVIVED"
+    else:
+        failed = next((ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))), "failed")
+        verdict = "killed: " + failed.split(" ", 1)[-1][:110]
+    return verdict, time.time() - start, out
 
 
 def main() -> int:
@@ -109,45 +154,47 @@ def main() -> int:
     ap.add_argument("--only", default="", help="run only mutants whose file or description contains this")
     ap.add_argument("--scratch", default=os.environ.get("PYFAST_MUTANT_DIR", "/tmp/pyfast-mutants"))
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="mutants tried at once, each in its own copy of the tree (default: one per core)")
     args = ap.parse_args()
-    scratch = Path(args.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
-    _copy_tree(scratch)
     t0 = time.time()
-    # The unmutated copy must build and pass (else every mutant would be "killed").
-    sys.path.insert(0, str(scratch / "tests"))
-    import cuda_emu  # noqa: E402  (the copy's builder: ROOT = scratch)
-
-    cuda_emu.load()
-    print(f"baseline emulation built in {time.time() - t0:.0f} s", flush=True)
-    survived, broken, rows = [], [], []
-    for path, old, new, what in MUTANTS:
+    mutants, broken = [], []
+    for m in MUTANTS:
+        path, old, _, what = m
         if args.only and args.only not in path and args.only not in what:
             continue
-        src = scratch / "csrc" / path
-        original = (ROOT / "csrc" / path).read_text()
-        if original.count(old) != 1:
-            broken.append(f"{path}: {what}: the original text occurs {original.count(old)} times")
-            continue
-        src.write_text(original.replace(old, new))
-        start = time.time()
-        try:
-            rc, out = _pytest(scratch, FAMILY_TESTS[path.split("/")[0]], args.timeout)
-        finally:
-            src.write_text(original)
-        secs = time.time() - start
-        if "Error building extension" in out or "error:" in out and rc != 0 and "FAILED" not in out:
-            broken.append(f"{path}: {what}: did not build\n{out[-2000:]}")
-            verdict = "BUILD ERROR"
-        elif rc == 0:
-            survived.append(f"{path}: {what}")
-            verdict = "SURVIVED"
+        count = (ROOT / "csrc" / path).read_text().count(old)
+        if count != 1:
+            broken.append(f"{path}: {what}: the original text occurs {count} times")
         else:
-            failed = next((ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))), "failed")
-            verdict = "killed: " + failed.split(" ", 1)[-1][:110]
-        rows.append((path, what, f"{secs:.0f} s", verdict))
-        print(f"{path:28s} {what:58s} {secs:5.0f} s  {verdict}", flush=True)
-    print(f"{len(rows)} mutants, {len(survived)} survived, {len(broken)} broken, {time.time() - t0:.0f} s in all")
+            mutants.append(m)
+    jobs = max(1, min(args.jobs, len(mutants)))
+    # Worker w tries mutants w, w + jobs, ... in the list's order, so a family's mutants stay
+    # together in each copy (switching family rebuilds the unit the last mutant left mutated).
+    scratches = [Path(args.scratch) / f"w{w}" for w in range(jobs)]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for scratch, err in zip(scratches, pool.map(lambda d: _baseline(d, args.timeout), scratches)):
+            if err is not None:
+                print(f"the unmutated copy in {scratch} does not build:\n{err}")
+                return 1
+        print(f"baseline emulation built in {jobs} copies in {time.time() - t0:.0f} s", flush=True)
+        lock = threading.Lock()
+        survived = []
+
+        def worker(w: int) -> None:
+            for mutant in mutants[w::jobs]:
+                path, _, _, what = mutant
+                verdict, secs, out = _try(scratches[w], mutant, args.timeout)
+                with lock:
+                    print(f"{path:28s} {what:58s} {secs:5.0f} s  {verdict}", flush=True)
+                    if verdict == "SURVIVED":
+                        survived.append(f"{path}: {what}")
+                    elif verdict == "BUILD ERROR":
+                        broken.append(f"{path}: {what}: did not build\n{out[-2000:]}")
+
+        for f in [pool.submit(worker, w) for w in range(jobs)]:
+            f.result()
+    print(f"{len(mutants)} mutants, {len(survived)} survived, {len(broken)} broken, {time.time() - t0:.0f} s in all")
     for s in survived:
         print("SURVIVED:", s)
     for b in broken:

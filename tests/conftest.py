@@ -138,3 +138,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+def pytest_configure(config):
+    """PYFAST_RECORD_TRITON_CALLS=FILE: record every Triton launcher call of this run in FILE for
+    `python bench/triton_aot.py --calls FILE` (.ci/run: the AOT compile then reuses this run's calls
+    rather than running the Triton tests again in the interpreter)."""
+    path = os.environ.pop("PYFAST_RECORD_TRITON_CALLS", None)  # popped: not for the tests' subprocesses
+    if not path or not TRITON_INTERPRETED:
+        return
+    import importlib.util
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "triton_aot.py")
+    spec = importlib.util.spec_from_file_location("pyfast_bench_triton_aot", script)
+    aot = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = aot  # (its dataclasses look their module up there)
+    spec.loader.exec_module(aot)
+    config.pluginmanager.register(aot.CallRecorder(path), "pyfast-triton-call-recorder")

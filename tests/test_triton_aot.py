@@ -44,3 +44,25 @@ def test_compiles_a_benchmarked_configuration_for_sm80(tmp_path):
         assert row["regs"] > 0 and row["spill_stores"] == row["spill_loads"] == 0, row
         assert row["benchmarked"], row
     assert report["summary"][0]["max_regs"] == max(row["regs"] for row in rows)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_a_test_run_records_its_triton_calls_for_the_aot_compile(tmp_path):
+    # PYFAST_RECORD_TRITON_CALLS (tests/conftest.py): .ci/run's one test run records the Triton
+    # launcher calls that bench/triton_aot.py --calls then compiles for the GPUs.
+    calls = tmp_path / "calls.jsonl"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(pyfast.__file__)))
+    env = dict(os.environ, PYFAST_RECORD_TRITON_CALLS=str(calls),
+               PYTHONPATH=os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    test = "tests/sparse/test_append_kv.py"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "-k", "triton"],
+                          cwd=os.path.dirname(os.path.dirname(SCRIPT)), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(lines) >= 2, lines
+    assert len({json.dumps([c["args"], c["kwargs"]]) for c in lines}) == len(lines)  # distinct calls only
+    for c in lines:
+        assert c["plan"] == "pyfast.kernels.sparse:plan_append_kv", c
+        assert c["source"].startswith(test + "::") and "triton" in c["source"], c
+        assert all(isinstance(a, dict) and "tensor" in a for a in c["args"][:4]), c
