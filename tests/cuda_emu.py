@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 EMU = CSRC / "emu"
 # The families with CUDA kernels: their launchers (.cu, rewritten), ATen host files (as they are).
-LAUNCHERS = ("cherryq/cherryq_cuda.cu", "hedgehog/hedgehog_cuda.cu", "sparse/sparse_cuda.cu", "emu/emu_selftest.cu")
+LAUNCHERS = ("cherryq/cherryq_cuda.cu", "cherryq/cherryq_cuda_f32.cu", "cherryq/cherryq_cuda_f16.cu",
+             "cherryq/cherryq_cuda_bf16.cu", "hedgehog/hedgehog_cuda.cu", "sparse/sparse_cuda.cu",
+             "emu/emu_selftest.cu")
 HOSTS = ("cherryq/cherryq_cuda_host.cpp", "hedgehog/hedgehog_cuda_host.cpp", "sparse/sparse_cuda_host.cpp")
 MODULE = "pyfast_cuda_emu"
 

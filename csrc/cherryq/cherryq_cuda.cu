@@ -1,60 +1,23 @@
-// Launchers of the CherryQ CUDA kernels: argument sanity, launch geometry, template dispatch.
+// Launcher of the CherryQ CUDA kernels: argument sanity, launch geometry, dispatch on the x dtype
+// (the kernels themselves are instantiated per dtype: cherryq_cuda_launch.cuh).
 // Torch-free (CUDA headers only); the ATen side lives in cherryq_cuda_host.cpp.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "cherryq/cherryq_cuda.h"
+#include "cherryq/cherryq_cuda_launch.cuh"
 #include "cherryq/cherryq_gemv.cuh"
 
 namespace pyfast {
 namespace cherryq {
 namespace {
 
+using detail::launch_dtype;
 using gemv::GemvPlan;
 using gemv::kMaxBatch;
-using gemv::kThreads;
 
 constexpr int64_t kMaxGridY = 65535;
-
-template <typename T, int BITS, int MB>
-cudaError_t launch_batch(const GemvParams& p, const GemvPlan& plan, int64_t m_begin, unsigned grid_y,
-                         cudaStream_t stream) {
-  const dim3 grid(plan.grid_x, grid_y);
-  if (plan.vec) {
-    gemv::gemv_kernel<T, BITS, MB, true><<<grid, kThreads, plan.smem_bytes, stream>>>(p, plan, m_begin);
-  } else {
-    gemv::gemv_kernel<T, BITS, MB, false><<<grid, kThreads, plan.smem_bytes, stream>>>(p, plan, m_begin);
-  }
-  return cudaGetLastError();
-}
-
-template <typename T, int BITS>
-cudaError_t launch_bits(const GemvParams& p, int mb, const GemvPlan& plan, int64_t m_begin, unsigned grid_y,
-                        cudaStream_t stream) {
-  switch (mb) {
-    case 1: return launch_batch<T, BITS, 1>(p, plan, m_begin, grid_y, stream);
-    case 2: return launch_batch<T, BITS, 2>(p, plan, m_begin, grid_y, stream);
-    case 3: return launch_batch<T, BITS, 3>(p, plan, m_begin, grid_y, stream);
-    case 4: return launch_batch<T, BITS, 4>(p, plan, m_begin, grid_y, stream);
-    case 5: return launch_batch<T, BITS, 5>(p, plan, m_begin, grid_y, stream);
-    case 6: return launch_batch<T, BITS, 6>(p, plan, m_begin, grid_y, stream);
-    case 7: return launch_batch<T, BITS, 7>(p, plan, m_begin, grid_y, stream);
-    case 8: return launch_batch<T, BITS, 8>(p, plan, m_begin, grid_y, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T>
-cudaError_t launch_dtype(const GemvParams& p, int mb, const GemvPlan& plan, int64_t m_begin, unsigned grid_y,
-                         cudaStream_t stream) {
-  switch (p.bits) {
-    case 2: return launch_bits<T, 2>(p, mb, plan, m_begin, grid_y, stream);
-    case 3: return launch_bits<T, 3>(p, mb, plan, m_begin, grid_y, stream);
-    case 4: return launch_bits<T, 4>(p, mb, plan, m_begin, grid_y, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
 
 // One launch: grid_y blocks of `mb` rows of x each, starting at row m_begin.
 cudaError_t launch_rows(const GemvParams& p, int mb, int64_t m_begin, unsigned grid_y, cudaStream_t stream) {
