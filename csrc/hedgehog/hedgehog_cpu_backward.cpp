@@ -135,7 +135,7 @@ std::vector<at::Tensor> backward(const Inputs& in) {
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     float* pt = part.data_ptr<float>() + at::get_thread_num() * per_thread;
     const bwd::Partials acc{pt, pt + o_dwk, pt + o_dbq, pt + o_dbk, pt + o_da, pt + o_db};
-    std::vector<float> scratch(layout.total);
+    const ZeroScratch scratch(layout.total);  // per thread, zero-filled
     for (int64_t i = next++; i < ntasks; i = next++) kernel(p, layout, tasks[i].first, tasks[i].second, scratch.data(), acc);
   });
 
