@@ -25,8 +25,12 @@ for f in $files; do
   fi
   echo "$out" | grep -E "warning|[1-9][0-9]* bytes spill" || true  # any spill or warning, in full
   kernels=$(echo "$out" | grep -c "Compiling entry" || true)
-  maxreg=$(echo "$out" | grep -oE "Used [0-9]+ registers" | grep -oE "[0-9]+" | sort -n | tail -1)
-  echo "   $kernels kernel variants, at most ${maxreg:-?} registers (set NVCC_VERBOSE=1 for the full ptxas report)"
+  maxreg=$(echo "$out" | grep -oE "Used [0-9]+ registers" | grep -oE "[0-9]+" | sort -n | tail -1 || true)
+  if [ "$kernels" -eq 0 ]; then
+    echo "   no kernels (a launcher: the kernels are instantiated in other units)"
+  else
+    echo "   $kernels kernel variants, at most ${maxreg:-?} registers (set NVCC_VERBOSE=1 for the full ptxas report)"
+  fi
   [ -z "${NVCC_VERBOSE:-}" ] || echo "$out"
 done
 echo "nvcc compile-check: $(echo $files | wc -w) file(s) OK"
