@@ -23,11 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 EMU = CSRC / "emu"
-# The families with CUDA kernels: their launchers (.cu, rewritten), ATen host files (as they are).
-LAUNCHERS = ("cherryq/cherryq_cuda.cu", "cherryq/cherryq_cuda_f32.cu", "cherryq/cherryq_cuda_f16.cu",
-             "cherryq/cherryq_cuda_bf16.cu", "hedgehog/hedgehog_cuda.cu", "sparse/sparse_cuda.cu",
-             "emu/emu_selftest.cu")
-HOSTS = ("cherryq/cherryq_cuda_host.cpp", "hedgehog/hedgehog_cuda_host.cpp", "sparse/sparse_cuda_host.cpp")
+# The CUDA sources, found as setup.py and bench/nvcc_check.sh find them: every .cu is a translation
+# unit (rewritten, below), every *_cuda_host.cpp an ATen host file (compiled as it is).
+LAUNCHERS = tuple(sorted(str(p.relative_to(CSRC)) for p in CSRC.rglob("*.cu")))
+HOSTS = tuple(sorted(str(p.relative_to(CSRC)) for p in CSRC.rglob("*_cuda_host.cpp")))
 MODULE = "pyfast_cuda_emu"
 
 

@@ -1,7 +1,7 @@
 // Template dispatch of the CherryQ GEMV launch: bit width x rows of x per block (1..8) ->
 // gemv_kernel<T, BITS, MB, VEC>. For one x dtype that is 3 x 8 x 2 = 48 kernels, so each dtype is
 // instantiated in its own translation unit (cherryq_cuda_{f32,f16,bf16}.cu): one nvcc run over
-// all 144 took ~50 s for sm_80 + sm_90a, too close to compile-checkers' time limits.
+// all 144 took 49-116 s for sm_80 + sm_90a on the 2-core VM, past a compile-checker's time limit.
 // cherryq_cuda.cu sees only the explicit-instantiation declarations at the bottom.
 #pragma once
 
