@@ -22,13 +22,14 @@ struct Gemm {
   // M = Q K^T) on a 100 GFMA/s core; in the whole backward the difference is within noise (~2%).
   static constexpr int kMR = 6;
 
-  // C[i, 16 NV] (+)= sum_{k0 <= k < k1} A(i, k) B[k, 16 NV] for MR rows; A(i, k) = a[i * ars + k * acs].
+  // C[i, 16 NV] = (Cin[i, 16 NV] +) sum_{k0 <= k < k1} A(i, k) B[k, 16 NV] for MR rows, A(i, k) =
+  // a[i * ars + k * acs]; Cin is C itself unless given (same ldc).
   template <int MR, int NV>
   static inline void block(int64_t k0, int64_t k1, const float* a, int64_t ars, int64_t acs, const float* b,
-                           int64_t ldb, float* c, int64_t ldc, bool acc) {
+                           int64_t ldb, float* c, int64_t ldc, bool acc, const float* cin) {
     V r[MR][NV];
     for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < NV; ++v) r[i][v] = acc ? Isa::loadf(c + i * ldc + v * kLanes) : Isa::zero();
+      for (int v = 0; v < NV; ++v) r[i][v] = acc ? Isa::loadf(cin + i * ldc + v * kLanes) : Isa::zero();
     const float* bp = b + k0 * ldb;
     const float* ap = a + k0 * acs;
     for (int64_t k = k0; k < k1; ++k, bp += ldb, ap += acs) {
@@ -45,22 +46,23 @@ struct Gemm {
 
   template <int MR>
   static void row_block(int64_t nv, int64_t k0, int64_t k1, const float* a, int64_t ars, int64_t acs, const float* b,
-                        int64_t ldb, float* c, int64_t ldc, bool acc) {
+                        int64_t ldb, float* c, int64_t ldc, bool acc, const float* cin) {
     for (int64_t v0 = 0; v0 < nv; v0 += 4) {
       const int64_t o = v0 * kLanes;
       switch (nv - v0 < 4 ? nv - v0 : 4) {
-        case 1: block<MR, 1>(k0, k1, a, ars, acs, b + o, ldb, c + o, ldc, acc); break;
-        case 2: block<MR, 2>(k0, k1, a, ars, acs, b + o, ldb, c + o, ldc, acc); break;
-        case 3: block<MR, 3>(k0, k1, a, ars, acs, b + o, ldb, c + o, ldc, acc); break;
-        default: block<MR, 4>(k0, k1, a, ars, acs, b + o, ldb, c + o, ldc, acc); break;
+        case 1: block<MR, 1>(k0, k1, a, ars, acs, b + o, ldb, c + o, ldc, acc, cin + o); break;
+        case 2: block<MR, 2>(k0, k1, a, ars, acs, b + o, ldb, c + o, ldc, acc, cin + o); break;
+        case 3: block<MR, 3>(k0, k1, a, ars, acs, b + o, ldb, c + o, ldc, acc, cin + o); break;
+        default: block<MR, 4>(k0, k1, a, ars, acs, b + o, ldb, c + o, ldc, acc, cin + o); break;
       }
     }
   }
 
   // C [m, 16 nv] (+)= A [m, K] B [K, 16 nv] (row-major B and C; A through its strides, so A^T B
-  // is ars = 1, acs = lda). Rows of B are whole vectors: padded columns must be zero in B.
+  // is ars = 1, acs = lda). Rows of B are whole vectors: padded columns must be zero in B. With
+  // acc and cin, C = Cin + A B out of place (Cin laid out as C; a copy saved).
   static void run(int64_t m, int64_t nv, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
-                  int64_t ldb, float* c, int64_t ldc, bool acc, Tri tri = Tri::kFull) {
+                  int64_t ldb, float* c, int64_t ldc, bool acc, Tri tri = Tri::kFull, const float* cin = nullptr) {
     for (int64_t i0 = 0; i0 < m; i0 += kMR) {
       const int64_t mr = m - i0 < kMR ? m - i0 : kMR, i1 = i0 + mr;
       int64_t k0 = 0, k1 = K, nvb = nv;
@@ -69,13 +71,14 @@ struct Gemm {
       if (tri == Tri::kOutLower) nvb = (i1 - 1) / kLanes + 1 < nv ? (i1 - 1) / kLanes + 1 : nv;
       const float* ai = a + i0 * ars;
       float* ci = c + i0 * ldc;
+      const float* cii = (cin ? cin : c) + i0 * ldc;
       switch (mr) {
-        case 1: row_block<1>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc); break;
-        case 2: row_block<2>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc); break;
-        case 3: row_block<3>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc); break;
-        case 4: row_block<4>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc); break;
-        case 5: row_block<5>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc); break;
-        default: row_block<6>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc); break;
+        case 1: row_block<1>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc, cii); break;
+        case 2: row_block<2>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc, cii); break;
+        case 3: row_block<3>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc, cii); break;
+        case 4: row_block<4>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc, cii); break;
+        case 5: row_block<5>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc, cii); break;
+        default: row_block<6>(nvb, k0, k1, ai, ars, acs, b, ldb, ci, ldc, acc, cii); break;
       }
     }
   }

@@ -28,8 +28,13 @@
 // ~82k = 2.7x: the pre-pass 12k (key features, state update), query features 4k, five masked
 // intra-chunk products 17k (M, P0, P K, M^T (r G), P^T Q), four state products 33k (R, dS, dK, dv)
 // and the feature-map gradients 16k (dx and dW of q and k). Even with the chunk states stored by
-// the forward (no pre-pass) it would be 70k = 2.3x; measured (2-core Xeon VM, one thread, T = 8k)
-// the backward takes ~3.1-3.3x the forward, so forward+backward ~4.1-4.3x.
+// the forward (no pre-pass, key features then computed in the reverse pass) it would be 76k = 2.45x.
+// Measured (2-core Xeon VM, B1 H8 T = 8k, 2 threads): the backward takes ~2.9x the forward (both
+// ~20% page faults on their fresh outputs, 48 vs 16 MiB), so forward+backward ~3.9x. CPU time with
+// one part switched off at a time (results wrong, timing only): pre-pass 16%, feature-map gradients
+// 17.5%, intra-chunk products 11.5%, feature maps ~10%, the rest (state products, row loads) 38%:
+// each part close to its share of the multiply-adds, the backward ~8% less efficient per
+// multiply-add than the forward.
 
 using V = typename Isa::V;
 
@@ -286,11 +291,16 @@ struct Task {
 
   // ------------------------------------------------------------------ linear part
 
-  // S^T += V^T K, z += sum K over the nr keys in kf, vv (the state kept transposed: R = G S^T reads it).
-  void state_update(int64_t nr, float* st, float* z, const float* kf) const {
-    Gemm::run(Dv, F2p / kLanes, nr, buf(l.vv), 1, Dvp, kf, F2p, st, F2p, true);  // [Dv, nr] @ [nr, F2]
-    for (int64_t r = 0; r < nr; ++r)
-      for (int64_t c = 0; c < F2p; c += kLanes) Isa::storef(z + c, Isa::add(Isa::loadf(z + c), Isa::loadf(kf + r * F2p + c)));
+  // S^T += V^T K, z += sum K over the nr keys in kf, vv (the state kept transposed: R = G S^T reads it);
+  // into (st_out, z_out) instead when given (out of place: the next chunk's slot, no copy).
+  void state_update(int64_t nr, float* st, float* z, const float* kf, float* st_out = nullptr,
+                    float* z_out = nullptr) const {
+    Gemm::run(Dv, F2p / kLanes, nr, buf(l.vv), 1, Dvp, kf, F2p, st_out ? st_out : st, F2p, true, Tri::kFull, st);  // [Dv, nr] @ [nr, F2]
+    for (int64_t c = 0; c < F2p; c += kLanes) {
+      V s = Isa::loadf(z + c);
+      for (int64_t r = 0; r < nr; ++r) s = Isa::add(s, Isa::loadf(kf + r * F2p + c));
+      Isa::storef((z_out ? z_out : z) + c, s);
+    }
   }
 
   // Keys [i0, i0 + nr) of the linear part: features (computed into `into`, default the scratch, or
@@ -469,13 +479,16 @@ struct Task {
     float* st = buf(l.st);
     float* z = buf(l.z);
     auto save = [&](float* to) { std::copy_n(st, sz, to), std::copy_n(z, F2p, to + sz); };
-    auto fill = [&](int64_t c0, int64_t c1) {  // states entering chunks [c0, c1) and their K into the slots
+    // The states entering chunks [c0, c1) and their K into the slots: the block's entering state
+    // (st, z) copied into its first slot, each later slot's state written by the update from the one
+    // before (out of place: no copy of the ~33 KiB state a chunk).
+    auto fill = [&](int64_t c0, int64_t c1) {
+      save(buf(l.slots));
       for (int64_t c = c0; c < c1; ++c) {
         float* slot = buf(l.slots) + (c - c0) * l.slot;
         prefetch_chunk((c + 1) * C, c + 1 < c1 ? chunk_rows(c + 1) : 0, false);
-        save(slot);
         const float* kf = load_keys(c * C, chunk_rows(c), false, nullptr, slot + l.state);
-        if (c + 1 < c1) state_update(C, st, z, kf);  // no chunk of this block reads the state after it
+        if (c + 1 < c1) state_update(C, slot, slot + sz, kf, slot + l.slot, slot + l.slot + sz);
       }
     };
     for (int64_t bk = 0; bk + 1 < nblocks; ++bk) {  // checkpoints only
