@@ -143,6 +143,7 @@ def run_cases(cases: list[Case], device: str, repeats: int) -> list[dict]:
         if c.flops:
             row["TFLOP/s"] = c.flops / (t["ms"] * 1e-3) / 1e12
         rows.append(row)
+    rows = [r for _, group in _groups(rows) for r in group]  # timed in the families' order, shown by (op, shape)
     for row in rows:  # speed-up over the PyTorch baseline of the same (op, shape)
         base = [r for r in rows if r["baseline"] and (r["op"], r["shape"]) == (row["op"], row["shape"])]
         row["speedup"] = base[0]["ms"] / row["ms"] if base else None
